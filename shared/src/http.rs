@@ -1,0 +1,509 @@
+//! Axum pieces every function shares: the request-context layer (request id, process time,
+//! one log line and one metric per request), the JSON body extractor with the contract's
+//! 400/413/415/422 mapping, fallbacks, `GET /health` and `GET /openapi.json`.
+
+use std::sync::{Arc, OnceLock};
+use std::time::Instant;
+
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, FromRequest, MatchedPath, Request, State};
+use axum::http::{HeaderMap, HeaderValue, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Extension, Json, Router};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use sha2::{Digest, Sha256};
+use utoipa::{OpenApi, ToSchema};
+
+use crate::error::{ApiError, ErrorEnvelope, FieldError};
+use crate::telemetry::{MetricEvent, Unit};
+
+pub const REQUEST_ID_HEADER: &str = "x-request-id";
+pub const PROCESS_TIME_HEADER: &str = "x-process-time-ms";
+
+/// Static facts about the function serving a request.
+#[derive(Debug, Clone, Copy)]
+pub struct FunctionInfo {
+    pub name: &'static str,
+    pub version: &'static str,
+    pub max_body_bytes: usize,
+}
+
+struct RequestScope {
+    id: String,
+    principal: OnceLock<String>,
+}
+
+tokio::task_local! {
+    static SCOPE: Arc<RequestScope>;
+}
+
+/// The id of the request being served, when called inside the request-context layer.
+pub fn current_request_id() -> Option<String> {
+    SCOPE.try_with(|s| s.id.clone()).ok()
+}
+
+/// Records who made the current request, for the request log line. Only a short hash is kept:
+/// user ids can be e-mail addresses, which do not belong in logs.
+pub fn record_principal(user_id: &str) {
+    let digest = Sha256::digest(user_id.as_bytes());
+    let short = hex::encode(&digest[..6]);
+    let _ = SCOPE.try_with(|s| s.principal.set(short));
+}
+
+/// A client-supplied id is kept when it is short and plain, so it can be correlated across
+/// services without letting a client inject arbitrary text into logs and headers.
+fn valid_request_id(value: &HeaderValue) -> Option<String> {
+    let s = value.to_str().ok()?;
+    let ok = (1..=128).contains(&s.len())
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'));
+    ok.then(|| s.to_owned())
+}
+
+async fn request_context(
+    State(info): State<FunctionInfo>,
+    matched: Option<MatchedPath>,
+    mut request: Request,
+    next: Next,
+) -> Response {
+    let started = Instant::now();
+    let id = request
+        .headers()
+        .get(REQUEST_ID_HEADER)
+        .and_then(valid_request_id)
+        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+    let route = matched.map_or_else(|| "unmatched".to_owned(), |m| m.as_str().to_owned());
+    let method = request.method().clone();
+    request.extensions_mut().insert(info);
+    let scope = Arc::new(RequestScope {
+        id: id.clone(),
+        principal: OnceLock::new(),
+    });
+    let mut response = SCOPE.scope(scope.clone(), next.run(request)).await;
+
+    let elapsed = started.elapsed();
+    let latency_ms = elapsed.as_secs_f64() * 1000.0;
+    let headers = response.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(&id) {
+        headers.insert(REQUEST_ID_HEADER, v);
+    }
+    if let Ok(v) = HeaderValue::from_str(&format!("{latency_ms:.2}")) {
+        headers.insert(PROCESS_TIME_HEADER, v);
+    }
+    let status = response.status().as_u16();
+    // Deliberately no headers or bodies here: they carry credentials and prompt text.
+    tracing::info!(
+        target: "request",
+        request_id = %id,
+        function = info.name,
+        method = %method,
+        route = %route,
+        status,
+        latency_ms = format!("{latency_ms:.2}"),
+        principal = scope.principal.get().map_or("-", String::as_str),
+        "request"
+    );
+    MetricEvent::new()
+        .dimension("function", info.name)
+        .dimension("route", route)
+        .dimension("status", status.to_string())
+        .metric("Requests", 1.0, Unit::Count)
+        .metric("Latency", latency_ms, Unit::Milliseconds)
+        .property("request_id", id)
+        .emit();
+    response
+}
+
+async fn not_found() -> ApiError {
+    ApiError::NotFound("route")
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::MethodNotAllowed
+}
+
+/// Wraps a function's routes with everything the contract requires of every response.
+pub fn serve(routes: Router, info: FunctionInfo) -> Router {
+    routes
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(info.max_body_bytes))
+        .layer(middleware::from_fn_with_state(info, request_context))
+}
+
+/// A JSON body, parsed with the contract's status mapping: wrong content type 415, too large
+/// 413, malformed JSON or unknown field 400, wrong types or missing fields 422 naming the field.
+#[derive(Debug, Clone)]
+pub struct ApiJson<T>(pub T);
+
+impl<S, T> FromRequest<S> for ApiJson<T>
+where
+    S: Send + Sync,
+    T: DeserializeOwned,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &S) -> Result<Self, ApiError> {
+        if !is_json(request.headers()) {
+            return Err(ApiError::UnsupportedMediaType);
+        }
+        let limit = request
+            .extensions()
+            .get::<FunctionInfo>()
+            .map_or(0, |i| i.max_body_bytes);
+        let bytes = Bytes::from_request(request, state)
+            .await
+            .map_err(|rejection| {
+                if rejection.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
+                    ApiError::PayloadTooLarge { limit }
+                } else {
+                    ApiError::bad_request("invalid_body", "the request body could not be read")
+                }
+            })?;
+        parse_json(&bytes).map(ApiJson)
+    }
+}
+
+fn is_json(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .map(|mime| {
+            let mime = mime.trim().to_ascii_lowercase();
+            mime == "application/json"
+                || (mime.starts_with("application/") && mime.ends_with("+json"))
+        })
+        .unwrap_or(false)
+}
+
+/// Parses a JSON document into `T` with the contract's error mapping (see [`ApiJson`]).
+pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    let value = serde_path_to_error::deserialize(&mut de).map_err(|err| {
+        let path = err.path().to_string();
+        let inner = err.into_inner();
+        classify_json_error(&path, &inner)
+    })?;
+    de.end()
+        .map_err(|e| ApiError::bad_request("invalid_json", format!("malformed JSON: {e}")))?;
+    Ok(value)
+}
+
+fn classify_json_error(path: &str, err: &serde_json::Error) -> ApiError {
+    use serde_json::error::Category;
+    let message = err.to_string();
+    match err.classify() {
+        Category::Syntax | Category::Eof | Category::Io => {
+            ApiError::bad_request("invalid_json", format!("malformed JSON: {message}"))
+        }
+        Category::Data if message.starts_with("unknown field") => {
+            let field = backticked(&message).unwrap_or_default();
+            // The path already ends with the offending key, except at the root.
+            let param = if path == "." || path.is_empty() {
+                field
+            } else {
+                path.to_owned()
+            };
+            ApiError::BadRequest {
+                code: "unknown_field",
+                message: format!("unknown field '{param}'"),
+                param: Some(param),
+            }
+        }
+        Category::Data => {
+            let parent = if path == "." { "" } else { path };
+            let (field, kind) = match backticked(&message) {
+                Some(name) if message.starts_with("missing field") => {
+                    (join_path(parent, &name), "missing")
+                }
+                _ => (parent.to_owned(), "type_error"),
+            };
+            // serde's message ends with "at line L column C", which helps nobody in a 422.
+            let msg = message
+                .split(" at line ")
+                .next()
+                .unwrap_or(&message)
+                .to_owned();
+            ApiError::Validation(vec![FieldError::body(&field, kind, msg)])
+        }
+    }
+}
+
+fn join_path(parent: &str, field: &str) -> String {
+    if parent.is_empty() {
+        field.to_owned()
+    } else {
+        format!("{parent}.{field}")
+    }
+}
+
+fn backticked(message: &str) -> Option<String> {
+    let start = message.find('`')? + 1;
+    let len = message[start..].find('`')?;
+    Some(message[start..start + len].to_owned())
+}
+
+/// Liveness answer of `GET /health`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Health {
+    /// `ok` when the function answers.
+    pub status: &'static str,
+    pub function: &'static str,
+    pub version: &'static str,
+}
+
+/// Liveness: the function is up and configured.
+#[utoipa::path(
+    get,
+    path = "/health",
+    tag = "health",
+    responses((status = 200, description = "The function is up", body = Health))
+)]
+pub async fn health(Extension(info): Extension<FunctionInfo>) -> Json<Health> {
+    Json(Health {
+        status: "ok",
+        function: info.name,
+        version: info.version,
+    })
+}
+
+/// This function's OpenAPI 3.1 document.
+#[utoipa::path(
+    get,
+    path = "/openapi.json",
+    tag = "health",
+    responses((status = 200, description = "OpenAPI 3.1 document of this function", content_type = "application/json"))
+)]
+pub async fn openapi_document() {}
+
+/// The parts of the API every function shares: health, the OpenAPI document, the error shape.
+#[derive(OpenApi)]
+#[openapi(
+    paths(health, openapi_document),
+    components(schemas(ErrorEnvelope, FieldError))
+)]
+pub struct CommonApi;
+
+/// Routes for `/health` and `/openapi.json`, serving `doc` merged with [`CommonApi`]. The
+/// document is rendered once at cold start, not per request.
+pub fn common_routes(mut doc: utoipa::openapi::OpenApi) -> Router {
+    doc.merge(CommonApi::openapi());
+    let rendered = Bytes::from(doc.to_json().unwrap_or_else(|_| "{}".to_owned()));
+    Router::new().route("/health", get(health)).route(
+        "/openapi.json",
+        get(move || {
+            let body = rendered.clone();
+            async move { ([(header::CONTENT_TYPE, "application/json")], body).into_response() }
+        }),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+    use axum::body::Body;
+    use axum::routing::post;
+    use http_body_util::BodyExt;
+    use serde::Deserialize;
+    use tower::ServiceExt;
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code)]
+    struct Probe {
+        message: String,
+        temperature: Option<f64>,
+        nested: Option<Inner>,
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code)]
+    struct Inner {
+        depth: u32,
+    }
+
+    fn app() -> Router {
+        let info = FunctionInfo {
+            name: "test",
+            version: "0.0.0",
+            max_body_bytes: 1024,
+        };
+        let routes = Router::new()
+            .route(
+                "/echo",
+                post(|ApiJson(p): ApiJson<Probe>| async move { p.message }),
+            )
+            .merge(common_routes(utoipa::openapi::OpenApi::default()));
+        serve(routes, info)
+    }
+
+    async fn call(request: axum::http::Request<Body>) -> (u16, HeaderMap, serde_json::Value) {
+        let response = app().oneshot(request).await.unwrap();
+        let status = response.status().as_u16();
+        let headers = response.headers().clone();
+        let bytes = response.into_body().collect().await.unwrap().to_bytes();
+        let body = serde_json::from_slice(&bytes)
+            .unwrap_or_else(|_| serde_json::Value::String(String::from_utf8_lossy(&bytes).into()));
+        (status, headers, body)
+    }
+
+    fn post_json(body: impl Into<Body>) -> axum::http::Request<Body> {
+        axum::http::Request::post("/echo")
+            .header("content-type", "application/json")
+            .body(body.into())
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn every_response_carries_request_id_and_process_time() {
+        let (status, headers, body) = call(
+            axum::http::Request::get("/health")
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(status, 200);
+        assert_eq!(body["status"], "ok");
+        assert!(uuid::Uuid::parse_str(headers[REQUEST_ID_HEADER].to_str().unwrap()).is_ok());
+        assert!(
+            headers[PROCESS_TIME_HEADER]
+                .to_str()
+                .unwrap()
+                .parse::<f64>()
+                .is_ok()
+        );
+    }
+
+    #[tokio::test]
+    async fn keeps_a_valid_incoming_request_id_and_replaces_a_hostile_one() {
+        let req = axum::http::Request::get("/health")
+            .header(REQUEST_ID_HEADER, "trace-123.abc")
+            .body(Body::empty())
+            .unwrap();
+        let (_, headers, _) = call(req).await;
+        assert_eq!(headers[REQUEST_ID_HEADER], "trace-123.abc");
+
+        let req = axum::http::Request::get("/health")
+            .header(REQUEST_ID_HEADER, "a b\"<script>")
+            .body(Body::empty())
+            .unwrap();
+        let (_, headers, _) = call(req).await;
+        assert_ne!(headers[REQUEST_ID_HEADER], "a b\"<script>");
+    }
+
+    #[tokio::test]
+    async fn error_envelope_carries_the_same_request_id_as_the_header() {
+        let (status, headers, body) = call(
+            axum::http::Request::get("/nope")
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(status, 404);
+        assert_eq!(
+            body["error"]["request_id"],
+            headers[REQUEST_ID_HEADER].to_str().unwrap()
+        );
+    }
+
+    #[tokio::test]
+    async fn wrong_method_is_405_with_envelope() {
+        let (status, _, body) = call(
+            axum::http::Request::delete("/health")
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(status, 405);
+        assert_eq!(body["error"]["code"], "method_not_allowed");
+    }
+
+    #[tokio::test]
+    async fn malformed_json_is_400() {
+        let (status, _, body) = call(post_json("{\"message\": ")).await;
+        assert_eq!(status, 400);
+        assert_eq!(body["error"]["code"], "invalid_json");
+        let (status, _, _) = call(post_json("{\"message\": \"a\"} trailing")).await;
+        assert_eq!(status, 400);
+    }
+
+    #[tokio::test]
+    async fn unknown_field_is_400_naming_it() {
+        let (status, _, body) =
+            call(post_json(r#"{"message":"a","nested":{"depth":1,"x":2}}"#)).await;
+        assert_eq!(status, 400);
+        assert_eq!(body["error"]["code"], "unknown_field");
+        assert_eq!(body["error"]["param"], "nested.x");
+    }
+
+    #[tokio::test]
+    async fn wrong_type_and_missing_field_are_422_naming_the_field() {
+        let (status, _, body) = call(post_json(r#"{"message":"a","temperature":"hot"}"#)).await;
+        assert_eq!(status, 422);
+        assert_eq!(
+            body["error"]["details"][0]["loc"],
+            serde_json::json!(["body", "temperature"])
+        );
+
+        let (status, _, body) = call(post_json(r#"{"temperature":1}"#)).await;
+        assert_eq!(status, 422);
+        assert_eq!(
+            body["error"]["details"][0]["loc"],
+            serde_json::json!(["body", "message"])
+        );
+        assert_eq!(body["error"]["details"][0]["type"], "missing");
+    }
+
+    #[tokio::test]
+    async fn oversized_body_is_413_and_wrong_content_type_is_415() {
+        let big = format!("{{\"message\":\"{}\"}}", "x".repeat(4096));
+        let (status, _, body) = call(post_json(big)).await;
+        assert_eq!(status, 413);
+        assert_eq!(body["error"]["code"], "payload_too_large");
+
+        let req = axum::http::Request::post("/echo")
+            .header("content-type", "text/plain")
+            .body(Body::from("{\"message\":\"a\"}"))
+            .unwrap();
+        let (status, _, _) = call(req).await;
+        assert_eq!(status, 415);
+    }
+
+    #[tokio::test]
+    async fn deeply_nested_json_is_rejected_without_crashing() {
+        let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
+        let body = format!("{{\"message\":\"a\",\"nested\":{deep}}}");
+        let req = axum::http::Request::post("/echo")
+            .header("content-type", "application/json")
+            .body(Body::from(body))
+            .unwrap();
+        // Larger than the 1 KiB test limit: still a clean 413, never a stack overflow.
+        let (status, _, _) = call(req).await;
+        assert_eq!(status, 413);
+        let err = parse_json::<Probe>(format!("{{\"nested\":{deep}}}").as_bytes()).unwrap_err();
+        assert!(matches!(
+            err,
+            ApiError::BadRequest { .. } | ApiError::Validation(_)
+        ));
+    }
+
+    #[tokio::test]
+    async fn openapi_document_lists_shared_paths() {
+        let (status, _, body) = call(
+            axum::http::Request::get("/openapi.json")
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(status, 200);
+        assert!(body["openapi"].as_str().unwrap().starts_with("3.1"));
+        assert!(body["paths"]["/health"]["get"].is_object());
+        assert!(body["components"]["schemas"]["ErrorEnvelope"].is_object());
+    }
+}
