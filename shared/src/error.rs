@@ -64,6 +64,8 @@ pub enum ApiError {
     #[error("rate limit exceeded: {message}")]
     RateLimited {
         message: String,
+        /// The quota that was exhausted, for `X-RateLimit-Limit`.
+        limit: u64,
         retry_after_secs: u64,
     },
     #[error("upstream model provider is rate limiting requests")]
@@ -229,10 +231,22 @@ impl IntoResponse for ApiError {
             _ => {}
         }
         let mut response = (status, Json(self.envelope())).into_response();
-        if let Some(secs) = self.retry_after_secs()
-            && let Ok(value) = HeaderValue::from_str(&secs.to_string())
+        let headers = response.headers_mut();
+        if let Some(secs) = self.retry_after_secs() {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        if let Self::RateLimited {
+            limit,
+            retry_after_secs,
+            ..
+        } = &self
         {
-            response.headers_mut().insert(header::RETRY_AFTER, value);
+            headers.insert(crate::ratelimit::LIMIT_HEADER, HeaderValue::from(*limit));
+            headers.insert(crate::ratelimit::REMAINING_HEADER, HeaderValue::from(0u64));
+            headers.insert(
+                crate::ratelimit::RESET_HEADER,
+                HeaderValue::from(*retry_after_secs),
+            );
         }
         response
     }
@@ -291,6 +305,7 @@ mod tests {
             (
                 ApiError::RateLimited {
                     message: "requests per hour".into(),
+                    limit: 100,
                     retry_after_secs: 42,
                 },
                 429,
@@ -393,6 +408,7 @@ mod tests {
     async fn rate_limited_errors_carry_retry_after() {
         let (_, headers, _) = render(ApiError::RateLimited {
             message: "x".into(),
+            limit: 100,
             retry_after_secs: 42,
         })
         .await;

@@ -1,13 +1,21 @@
 //! Library shared by every function of the gateway: configuration, the API error type, HTTP
-//! layers, telemetry, and (in later modules) auth, storage and the LLM client.
+//! layers, telemetry, auth, rate limits, conversation history, the response cache and the LLM
+//! client.
 //!
 //! Nothing here depends on `lambda_http` request types: business logic is testable without
 //! Lambda, and each function's `main.rs` only wires these pieces together.
 
+pub mod auth;
+pub mod cache;
 pub mod config;
+pub mod conversations;
+pub mod dynamo;
 pub mod error;
 pub mod http;
+pub mod llm;
+pub mod ratelimit;
 pub mod telemetry;
+pub mod tokens;
 
 pub use config::Config;
 pub use error::ApiError;

@@ -1,0 +1,60 @@
+//! DynamoDB client construction and error mapping shared by every store.
+
+use std::time::Duration;
+
+use aws_config::BehaviorVersion;
+use aws_config::retry::RetryConfig;
+use aws_config::timeout::TimeoutConfig;
+use aws_sdk_dynamodb::Client;
+use aws_sdk_dynamodb::error::DisplayErrorContext;
+
+use crate::error::ApiError;
+
+/// Builds the client once per cold start. Region, credentials and endpoint come from the
+/// standard AWS chain, so `AWS_ENDPOINT_URL_DYNAMODB` points it at the local emulator with no
+/// code path of its own.
+///
+/// Timeouts are tight because every call sits on a request's hot path: a DynamoDB that does not
+/// answer must become a prompt 503, not a Lambda timeout. The SDK's standard retry (3 attempts,
+/// jittered) absorbs throttling before we map the error.
+pub async fn client() -> Client {
+    let config = aws_config::defaults(BehaviorVersion::latest())
+        .timeout_config(
+            TimeoutConfig::builder()
+                .connect_timeout(Duration::from_secs(1))
+                .operation_attempt_timeout(Duration::from_secs(2))
+                .operation_timeout(Duration::from_secs(5))
+                .build(),
+        )
+        .retry_config(RetryConfig::standard().with_max_attempts(3))
+        .load()
+        .await;
+    Client::new(&config)
+}
+
+/// Any DynamoDB failure the caller does not handle itself: the store is unavailable (503).
+/// The detail (which may name a table) is logged by the error's renderer, never sent.
+pub fn unavailable(err: impl std::error::Error) -> ApiError {
+    ApiError::Unavailable {
+        dependency: "DynamoDB",
+        detail: DisplayErrorContext(&err).to_string(),
+    }
+}
+
+/// Seconds since the Unix epoch.
+pub fn now_epoch() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default()
+}
+
+/// RFC 3339 timestamp (UTC, millisecond precision) for `created_at` / `updated_at`. Fixed width,
+/// so string order is time order, which the `byOwner` index relies on.
+pub fn now_rfc3339() -> String {
+    let now = time::OffsetDateTime::now_utc();
+    let millis = now.millisecond();
+    let format = time::macros::format_description!("[year]-[month]-[day]T[hour]:[minute]:[second]");
+    let base = now.format(&format).unwrap_or_default();
+    format!("{base}.{millis:03}Z")
+}
