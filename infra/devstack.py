@@ -519,7 +519,6 @@ class Stack:
         return key
 
     def start_watch(self) -> None:
-        self.watch_port = pick_port(self.args.port, "cargo lambda watch")
         argv = [str(VENV_BIN / "cargo-lambda"), "lambda", "watch",
                 "--invoke-address", "127.0.0.1", "--invoke-port", str(self.watch_port),
                 "--env-file", str(self.env_file)]
@@ -561,6 +560,18 @@ class Stack:
             self.mock_url = self.start_mock(binaries)
             openai = {"OPENAI_BASE_URL": f"{self.mock_url}/v1", "OPENAI_API_KEY": "mock-key"}
         self.api_key = self.create_dev_key()
+        # Chosen before the env file is written: the chat function names the stream URL.
+        self.watch_port = pick_port(self.args.port, "cargo lambda watch")
+        functions_url = f"http://127.0.0.1:{self.watch_port}/lambda-url"
+        # The mock's fault models live in a test registry, never in the compiled-in one.
+        registry = {} if use_real else {"MODEL_REGISTRY_PATH": str(ROOT / "shared" / "models.test.toml")}
+        # Test runs use small free-tier quotas and a short upstream timeout so limit and
+        # timeout behaviour can be exercised in seconds; pro and enterprise keep the defaults.
+        test_settings = {
+            "RATE_LIMIT_FREE_REQUESTS_PER_HOUR": "5",
+            "RATE_LIMIT_FREE_TOKENS_PER_MINUTE": "3000",
+            "LLM_TIMEOUT_MS": "1000",
+        } if self.test_mode else {}
         self.stack_env = {
             **template_env,
             "AWS_ENDPOINT_URL_DYNAMODB": endpoint,
@@ -572,10 +583,12 @@ class Stack:
             "JWT_SECRET": secrets.token_hex(32),
             "JWT_ALGORITHM": "HS256",
             "RUST_LOG": "info",
+            "STREAM_FUNCTION_URL": f"{functions_url}/stream",
+            **registry,
+            **test_settings,
         }
         write_env_file(self.env_file, self.stack_env)
         self.start_watch()
-        functions_url = f"http://127.0.0.1:{self.watch_port}/lambda-url"
         self.gw_env = {
             "GW_FUNCTIONS_URL": functions_url,
             **({"GW_MOCK_LLM_URL": self.mock_url} if self.mock_url else {}),

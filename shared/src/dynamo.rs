@@ -58,3 +58,26 @@ pub fn now_rfc3339() -> String {
     let base = now.format(&format).unwrap_or_default();
     format!("{base}.{millis:03}Z")
 }
+
+/// Deep health check of DynamoDB: describes one table the function uses.
+pub struct DynamoProbe {
+    pub client: Client,
+    pub table: String,
+}
+
+#[async_trait::async_trait]
+impl crate::http::Probe for DynamoProbe {
+    fn name(&self) -> &'static str {
+        "dynamodb"
+    }
+
+    async fn check(&self) -> Result<(), ApiError> {
+        self.client
+            .describe_table()
+            .table_name(&self.table)
+            .send()
+            .await
+            .map(|_| ())
+            .map_err(unavailable)
+    }
+}

@@ -22,7 +22,12 @@ pub struct FieldError {
 
 impl FieldError {
     pub fn body(field: &str, kind: &str, msg: impl Into<String>) -> Self {
-        let mut loc = vec!["body".to_owned()];
+        Self::at("body", field, kind, msg)
+    }
+
+    /// A failing query-string parameter or path segment (`place` is `query` or `path`).
+    pub fn at(place: &str, field: &str, kind: &str, msg: impl Into<String>) -> Self {
+        let mut loc = vec![place.to_owned()];
         loc.extend(
             field
                 .split('.')

@@ -2,6 +2,7 @@
 //! one log line and one metric per request), the JSON body extractor with the contract's
 //! 400/413/415/422 mapping, fallbacks, `GET /health` and `GET /openapi.json`.
 
+use std::collections::BTreeMap;
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
@@ -167,6 +168,36 @@ where
     }
 }
 
+/// Query-string parameters with the contract's error mapping: 422 naming the parameter.
+#[derive(Debug, Clone)]
+pub struct ApiQuery<T>(pub T);
+
+impl<S, T> axum::extract::FromRequestParts<S> for ApiQuery<T>
+where
+    S: Send + Sync,
+    T: DeserializeOwned,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        _state: &S,
+    ) -> Result<Self, ApiError> {
+        axum::extract::Query::<T>::try_from_uri(&parts.uri)
+            .map(|q| ApiQuery(q.0))
+            .map_err(|rejection| {
+                let text = rejection.body_text();
+                let field = backticked(&text).unwrap_or_default();
+                let msg = text
+                    .rsplit(": ")
+                    .next()
+                    .unwrap_or("invalid query string")
+                    .to_owned();
+                ApiError::Validation(vec![FieldError::at("query", &field, "query", msg)])
+            })
+    }
+}
+
 fn is_json(headers: &HeaderMap) -> bool {
     headers
         .get(header::CONTENT_TYPE)
@@ -250,25 +281,90 @@ fn backticked(message: &str) -> Option<String> {
 /// Liveness answer of `GET /health`.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct Health {
-    /// `ok` when the function answers.
+    /// `ok`, or `degraded` when a deep check failed.
     pub status: &'static str,
     pub function: &'static str,
     pub version: &'static str,
+    /// Deep checks only: each dependency and `ok` or `failed`.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub checks: BTreeMap<&'static str, &'static str>,
 }
 
-/// Liveness: the function is up and configured.
+/// A dependency that `GET /health?deep=true` checks.
+#[async_trait::async_trait]
+pub trait Probe: Send + Sync {
+    fn name(&self) -> &'static str;
+    async fn check(&self) -> Result<(), ApiError>;
+}
+
+/// The probes of a function, added to its router as an `Extension`.
+#[derive(Clone, Default)]
+pub struct Probes(pub Arc<Vec<Arc<dyn Probe>>>);
+
+#[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
+pub struct HealthQuery {
+    /// Also check DynamoDB and the LLM provider.
+    pub deep: Option<bool>,
+}
+
+/// Liveness; with `deep=true` also DynamoDB and the LLM provider, each checked concurrently.
 #[utoipa::path(
     get,
     path = "/health",
     tag = "health",
-    responses((status = 200, description = "The function is up", body = Health))
+    params(HealthQuery),
+    responses(
+        (status = 200, description = "The function (and, when deep, every dependency) is up", body = Health),
+        (status = 503, description = "A deep check failed; `checks` names it", body = Health)
+    )
 )]
-pub async fn health(Extension(info): Extension<FunctionInfo>) -> Json<Health> {
-    Json(Health {
-        status: "ok",
+pub async fn health(
+    Extension(info): Extension<FunctionInfo>,
+    extensions: axum::http::Extensions,
+    axum::extract::RawQuery(query): axum::extract::RawQuery,
+) -> Response {
+    let deep = query.as_deref().is_some_and(|q| {
+        q.split('&')
+            .any(|pair| pair == "deep=true" || pair == "deep=1")
+    });
+    let mut checks = BTreeMap::new();
+    if deep && let Some(probes) = extensions.get::<Probes>() {
+        let results = futures::future::join_all(probes.0.iter().map(|p| async move {
+            let outcome = p.check().await;
+            if let Err(err) = &outcome {
+                tracing::warn!(probe = p.name(), error = %err, "deep health check failed");
+            }
+            (p.name(), outcome.is_ok())
+        }))
+        .await;
+        for (name, ok) in results {
+            checks.insert(name, if ok { "ok" } else { "failed" });
+        }
+    }
+    let healthy = checks.values().all(|v| *v == "ok");
+    let body = Health {
+        status: if healthy { "ok" } else { "degraded" },
         function: info.name,
         version: info.version,
-    })
+        checks,
+    };
+    let status = if healthy {
+        axum::http::StatusCode::OK
+    } else {
+        axum::http::StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, Json(body)).into_response()
+}
+
+/// The Lambda invocation's deadline, when running under the Lambda runtime.
+pub fn deadline(extensions: &axum::http::Extensions) -> Option<Instant> {
+    let context = extensions.get::<lambda_http::Context>()?;
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .ok()?
+        .as_millis();
+    let left = u128::from(context.deadline).checked_sub(now_ms)?;
+    Some(Instant::now() + std::time::Duration::from_millis(u64::try_from(left).ok()?))
 }
 
 /// This function's OpenAPI 3.1 document.
@@ -279,6 +375,30 @@ pub async fn health(Extension(info): Extension<FunctionInfo>) -> Json<Health> {
     responses((status = 200, description = "OpenAPI 3.1 document of this function", content_type = "application/json"))
 )]
 pub async fn openapi_document() {}
+
+/// Declares the two credential schemes (`X-API-Key` and `Authorization: Bearer`).
+pub struct SecuritySchemes;
+
+impl utoipa::Modify for SecuritySchemes {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "api_key",
+            SecurityScheme::ApiKey(ApiKey::Header(ApiKeyValue::new("X-API-Key"))),
+        );
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .bearer_format("JWT")
+                    .description(Some("A JWT, or an API key (`gwk_...`) as OpenAI SDKs send it"))
+                    .build(),
+            ),
+        );
+    }
+}
 
 /// The parts of the API every function shares: health, the OpenAPI document, the error shape.
 #[derive(OpenApi)]

@@ -7,13 +7,16 @@
 
 pub mod auth;
 pub mod cache;
+pub mod chat;
 pub mod config;
 pub mod conversations;
 pub mod dynamo;
 pub mod error;
 pub mod http;
 pub mod llm;
+pub mod openai_compat;
 pub mod ratelimit;
+pub mod services;
 pub mod telemetry;
 pub mod tokens;
 

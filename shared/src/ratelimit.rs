@@ -1,8 +1,8 @@
 //! Rate limits that hold across every concurrent Lambda instance.
 //!
-//! Counters live in DynamoDB, one item per principal, scope and fixed window. Each check is a
-//! single conditional `UpdateItem` (`ADD` guarded by "the new total stays within the limit"),
-//! which DynamoDB applies atomically per item: no read-modify-write race, no matter how many
+//! Counters live in DynamoDB. Each check is a single conditional `UpdateItem` (`ADD` guarded by "the new totals stay within the limits")
+//! on one item per principal and hour, holding the request counter and one token counter per
+//! minute; DynamoDB applies it atomically per item: no read-modify-write race, no matter how many
 //! instances count at once. Tokens per minute are *reserved* before the upstream call from a
 //! conservative estimate and *settled* afterwards against the usage the provider reports, so the
 //! counter ends exact without an exact tokenizer on the cold-start path.
@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use aws_sdk_dynamodb::Client;
+use aws_sdk_dynamodb::operation::update_item::UpdateItemError;
 use aws_sdk_dynamodb::types::{AttributeValue, ReturnValue, ReturnValuesOnConditionCheckFailure};
 use axum::http::{HeaderMap, HeaderValue};
 
@@ -28,67 +29,69 @@ pub const RESET_HEADER: &str = "x-ratelimit-reset";
 /// DynamoDB's TTL removes them (reads never depend on the deletion having happened).
 const COUNTER_GRACE_SECS: u64 = 300;
 
-/// A fixed counting window.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Window {
-    pub scope: &'static str,
-    pub length_secs: u64,
+const HOUR_SECS: u64 = 3_600;
+const MINUTE_SECS: u64 = 60;
+
+/// Name of the request counter inside a principal's hourly item.
+pub const REQUESTS: &str = "requests";
+
+/// Name of the token counter of the minute starting at `minute_start` (one attribute per
+/// minute inside the hourly item, so requests and tokens are checked in one update).
+pub fn tokens_counter(minute_start: u64) -> String {
+    format!("tokens_{minute_start}")
 }
 
-pub const REQUESTS_PER_HOUR: Window = Window {
-    scope: "rph",
-    length_secs: 3_600,
-};
-pub const TOKENS_PER_MINUTE: Window = Window {
-    scope: "tpm",
-    length_secs: 60,
-};
-
-/// Identifies one counter: `<scope>#<subject>#<window start>`.
+/// Identifies one principal's rate-limit item for one hour: `rl#<subject>#<hour start>`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct CounterKey {
     pub id: String,
-    /// Epoch second at which the window ends and the counter resets.
+    /// Epoch second at which the hour ends.
     pub resets_at: u64,
 }
 
 impl CounterKey {
-    pub fn new(window: Window, subject: &str, now: u64) -> Self {
-        let start = now - now % window.length_secs;
+    pub fn hourly(subject: &str, now: u64) -> Self {
+        let start = now - now % HOUR_SECS;
         Self {
-            id: format!("{}#{}#{}", window.scope, subject, start),
-            resets_at: start + window.length_secs,
+            id: format!("rl#{subject}#{start}"),
+            resets_at: start + HOUR_SECS,
         }
     }
 }
 
-/// The outcome of one conditional increment.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Admission {
-    /// The amount was added; `count` is the new total.
-    Admitted { count: u64 },
-    /// Nothing was added; `count` is the total at the time, when the store could tell.
-    Rejected { count: Option<u64> },
+/// One counter to increase, and the total it may not exceed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Charge {
+    pub counter: String,
+    pub amount: u64,
+    pub limit: u64,
 }
 
-/// Storage for windowed counters.
+/// The outcome of one conditional charge.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Admission {
+    /// Every amount was added; the new totals, in the order of the charges.
+    Admitted { counts: Vec<u64> },
+    /// Nothing was added. The totals at the time (in charge order) when the store could tell;
+    /// a charge larger than its whole limit is reported as `None`.
+    Rejected { counts: Vec<Option<u64>> },
+}
+
+/// Storage for rate-limit counters.
 ///
-/// Contract: `try_add` is atomic per key — it adds `amount` if and only if the resulting total
-/// is at most `limit`, and concurrent callers on any number of instances can never together push
-/// a counter past its limit. `adjust` adds a signed delta unconditionally (settling a reservation
-/// against real usage); it may leave a counter above its limit, which only delays later requests.
-/// A key that was never written counts as zero.
+/// Contract: `try_charge` is atomic per key — it adds every amount if and only if each
+/// resulting total stays within its limit, otherwise it adds nothing; concurrent callers on any
+/// number of instances can never together push a counter past its limit. `adjust` adds a signed
+/// delta to one counter unconditionally (settling a reservation against real usage); it may
+/// leave a counter above its limit, which only delays later requests. A counter that was never
+/// written counts as zero.
 #[async_trait]
 pub trait RateLimitStore: Send + Sync {
-    async fn try_add(
-        &self,
-        key: &CounterKey,
-        amount: u64,
-        limit: u64,
-    ) -> Result<Admission, ApiError>;
-    async fn adjust(&self, key: &CounterKey, delta: i64) -> Result<(), ApiError>;
-    /// The current total (for tests and diagnostics; not used on the hot path).
-    async fn current(&self, key: &CounterKey) -> Result<u64, ApiError>;
+    async fn try_charge(&self, key: &CounterKey, charges: &[Charge])
+    -> Result<Admission, ApiError>;
+    async fn adjust(&self, key: &CounterKey, counter: &str, delta: i64) -> Result<(), ApiError>;
+    /// The current total of one counter (tests and diagnostics; not used on the hot path).
+    async fn current(&self, key: &CounterKey, counter: &str) -> Result<u64, ApiError>;
 }
 
 /// DynamoDB implementation: one `UpdateItem` per call.
@@ -108,65 +111,83 @@ impl DynamoRateLimits {
 
 fn number(item: Option<&HashMap<String, AttributeValue>>, name: &str) -> Option<u64> {
     let value = item?.get(name)?.as_n().ok()?;
-    // Refunds can drive a counter briefly negative in arithmetic terms; clamp for reporting.
+    // Settlements can take a counter below zero in arithmetic terms; clamp for reporting.
     value.parse::<i64>().ok().map(|n| n.max(0).unsigned_abs())
+}
+
+fn expiry(key: &CounterKey) -> AttributeValue {
+    AttributeValue::N((key.resets_at + COUNTER_GRACE_SECS).to_string())
 }
 
 #[async_trait]
 impl RateLimitStore for DynamoRateLimits {
-    async fn try_add(
+    async fn try_charge(
         &self,
         key: &CounterKey,
-        amount: u64,
-        limit: u64,
+        charges: &[Charge],
     ) -> Result<Admission, ApiError> {
-        if amount > limit {
+        if charges.iter().any(|c| c.amount > c.limit) {
             // Can never fit; a conditional write with a negative bound would still pass on a
-            // missing item, so decide here.
-            return Ok(Admission::Rejected { count: None });
+            // missing attribute, so decide here without a round trip.
+            return Ok(Admission::Rejected {
+                counts: vec![None; charges.len()],
+            });
         }
-        let result = self
+        let mut update = self
             .client
             .update_item()
             .table_name(&self.table)
             .key("pk", AttributeValue::S(key.id.clone()))
-            .update_expression("ADD #count :amount SET #exp = if_not_exists(#exp, :exp)")
-            .condition_expression("attribute_not_exists(#count) OR #count <= :max_before")
-            .expression_attribute_names("#count", "count")
             .expression_attribute_names("#exp", "expires_at")
-            .expression_attribute_values(":amount", AttributeValue::N(amount.to_string()))
-            .expression_attribute_values(
-                ":max_before",
-                AttributeValue::N((limit - amount).to_string()),
-            )
-            .expression_attribute_values(
-                ":exp",
-                AttributeValue::N((key.resets_at + COUNTER_GRACE_SECS).to_string()),
-            )
+            .expression_attribute_values(":exp", expiry(key));
+        let mut adds = Vec::new();
+        let mut guards = Vec::new();
+        for (i, charge) in charges.iter().enumerate() {
+            update = update
+                .expression_attribute_names(format!("#c{i}"), &charge.counter)
+                .expression_attribute_values(
+                    format!(":a{i}"),
+                    AttributeValue::N(charge.amount.to_string()),
+                )
+                .expression_attribute_values(
+                    format!(":m{i}"),
+                    AttributeValue::N((charge.limit - charge.amount).to_string()),
+                );
+            adds.push(format!("#c{i} :a{i}"));
+            guards.push(format!("(attribute_not_exists(#c{i}) OR #c{i} <= :m{i})"));
+        }
+        let result = update
+            .update_expression(format!(
+                "ADD {} SET #exp = if_not_exists(#exp, :exp)",
+                adds.join(", ")
+            ))
+            .condition_expression(guards.join(" AND "))
             .return_values(ReturnValue::UpdatedNew)
             .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld)
             .send()
             .await;
         match result {
             Ok(output) => Ok(Admission::Admitted {
-                count: number(output.attributes(), "count").unwrap_or(amount),
+                counts: charges
+                    .iter()
+                    .map(|c| number(output.attributes(), &c.counter).unwrap_or(c.amount))
+                    .collect(),
             }),
             Err(err) => match err.as_service_error() {
-                Some(service) if service.is_conditional_check_failed_exception() => {
-                    let count = match service {
-                        aws_sdk_dynamodb::operation::update_item::UpdateItemError::ConditionalCheckFailedException(e) => {
-                            number(e.item(), "count")
-                        }
-                        _ => None,
-                    };
-                    Ok(Admission::Rejected { count })
+                Some(UpdateItemError::ConditionalCheckFailedException(failed)) => {
+                    Ok(Admission::Rejected {
+                        counts: charges
+                            .iter()
+                            .map(|c| Some(number(failed.item(), &c.counter).unwrap_or(0)))
+                            .collect(),
+                    })
                 }
                 _ => Err(unavailable(err)),
             },
         }
     }
 
-    async fn adjust(&self, key: &CounterKey, delta: i64) -> Result<(), ApiError> {
+    async fn adjust(&self, key: &CounterKey, counter: &str, delta: i64) -> Result<(), ApiError> {
         if delta == 0 {
             return Ok(());
         }
@@ -174,21 +195,18 @@ impl RateLimitStore for DynamoRateLimits {
             .update_item()
             .table_name(&self.table)
             .key("pk", AttributeValue::S(key.id.clone()))
-            .update_expression("ADD #count :delta SET #exp = if_not_exists(#exp, :exp)")
-            .expression_attribute_names("#count", "count")
+            .update_expression("ADD #c :delta SET #exp = if_not_exists(#exp, :exp)")
+            .expression_attribute_names("#c", counter)
             .expression_attribute_names("#exp", "expires_at")
             .expression_attribute_values(":delta", AttributeValue::N(delta.to_string()))
-            .expression_attribute_values(
-                ":exp",
-                AttributeValue::N((key.resets_at + COUNTER_GRACE_SECS).to_string()),
-            )
+            .expression_attribute_values(":exp", expiry(key))
             .send()
             .await
             .map_err(unavailable)?;
         Ok(())
     }
 
-    async fn current(&self, key: &CounterKey) -> Result<u64, ApiError> {
+    async fn current(&self, key: &CounterKey, counter: &str) -> Result<u64, ApiError> {
         let output = self
             .client
             .get_item()
@@ -198,14 +216,14 @@ impl RateLimitStore for DynamoRateLimits {
             .send()
             .await
             .map_err(unavailable)?;
-        Ok(number(output.item(), "count").unwrap_or(0))
+        Ok(number(output.item(), counter).unwrap_or(0))
     }
 }
 
 /// In-memory fake with the same contract (atomic under its mutex).
 #[derive(Default)]
 pub struct InMemoryRateLimits {
-    counters: Mutex<HashMap<String, i64>>,
+    counters: Mutex<HashMap<(String, String), i64>>,
 }
 
 impl InMemoryRateLimits {
@@ -213,7 +231,10 @@ impl InMemoryRateLimits {
         Self::default()
     }
 
-    fn with<T>(&self, f: impl FnOnce(&mut HashMap<String, i64>) -> T) -> Result<T, ApiError> {
+    fn with<T>(
+        &self,
+        f: impl FnOnce(&mut HashMap<(String, String), i64>) -> T,
+    ) -> Result<T, ApiError> {
         let mut guard = self
             .counters
             .lock()
@@ -222,42 +243,70 @@ impl InMemoryRateLimits {
     }
 }
 
+fn clamp(n: i64) -> u64 {
+    n.max(0).unsigned_abs()
+}
+
 #[async_trait]
 impl RateLimitStore for InMemoryRateLimits {
-    async fn try_add(
+    async fn try_charge(
         &self,
         key: &CounterKey,
-        amount: u64,
-        limit: u64,
+        charges: &[Charge],
     ) -> Result<Admission, ApiError> {
         self.with(|counters| {
-            let count = counters.entry(key.id.clone()).or_insert(0);
-            let current = (*count).max(0).unsigned_abs();
-            if amount > limit || current > limit - amount {
-                Admission::Rejected {
-                    count: Some(current),
-                }
-            } else {
-                *count += i64::try_from(amount).unwrap_or(i64::MAX);
-                Admission::Admitted {
-                    count: (*count).max(0).unsigned_abs(),
-                }
+            let current: Vec<u64> = charges
+                .iter()
+                .map(|c| {
+                    clamp(
+                        *counters
+                            .get(&(key.id.clone(), c.counter.clone()))
+                            .unwrap_or(&0),
+                    )
+                })
+                .collect();
+            let fits = charges
+                .iter()
+                .zip(&current)
+                .all(|(c, now)| c.amount <= c.limit && *now <= c.limit - c.amount);
+            if !fits {
+                return Admission::Rejected {
+                    counts: charges
+                        .iter()
+                        .zip(&current)
+                        .map(|(c, now)| (c.amount <= c.limit).then_some(*now))
+                        .collect(),
+                };
             }
+            let counts = charges
+                .iter()
+                .map(|c| {
+                    let slot = counters
+                        .entry((key.id.clone(), c.counter.clone()))
+                        .or_insert(0);
+                    *slot += i64::try_from(c.amount).unwrap_or(i64::MAX);
+                    clamp(*slot)
+                })
+                .collect();
+            Admission::Admitted { counts }
         })
     }
 
-    async fn adjust(&self, key: &CounterKey, delta: i64) -> Result<(), ApiError> {
-        self.with(|counters| *counters.entry(key.id.clone()).or_insert(0) += delta)
+    async fn adjust(&self, key: &CounterKey, counter: &str, delta: i64) -> Result<(), ApiError> {
+        self.with(|counters| {
+            *counters
+                .entry((key.id.clone(), counter.to_owned()))
+                .or_insert(0) += delta;
+        })
     }
 
-    async fn current(&self, key: &CounterKey) -> Result<u64, ApiError> {
+    async fn current(&self, key: &CounterKey, counter: &str) -> Result<u64, ApiError> {
         self.with(|counters| {
-            counters
-                .get(&key.id)
-                .copied()
-                .unwrap_or(0)
-                .max(0)
-                .unsigned_abs()
+            clamp(
+                *counters
+                    .get(&(key.id.clone(), counter.to_owned()))
+                    .unwrap_or(&0),
+            )
         })
     }
 }
@@ -284,6 +333,7 @@ impl LimitStatus {
 #[must_use = "a reservation must be settled or released"]
 pub struct TokenReservation {
     key: CounterKey,
+    counter: String,
     reserved: u64,
 }
 
@@ -291,6 +341,13 @@ impl TokenReservation {
     pub fn reserved(&self) -> u64 {
         self.reserved
     }
+}
+
+/// An admitted request: what its headers report, and the tokens it holds.
+#[derive(Debug)]
+pub struct Admitted {
+    pub status: LimitStatus,
+    pub reservation: TokenReservation,
 }
 
 /// Applies tier quotas to principals on top of a [`RateLimitStore`].
@@ -309,62 +366,78 @@ impl RateLimiter {
         &self.store
     }
 
-    /// Counts `requests` requests (a batch counts each item) against the hourly quota.
-    pub async fn admit_requests(
+    /// Counts `requests` requests (a batch counts every item) against the hourly quota and holds
+    /// `token_estimate` tokens of this minute's budget, in one atomic update: either both fit,
+    /// or nothing is counted and the error says which limit was hit.
+    pub async fn admit(
         &self,
         principal: &Principal,
         requests: u64,
-    ) -> Result<LimitStatus, ApiError> {
-        let limit = principal.quota(&self.quotas).requests_per_hour;
+        token_estimate: u64,
+    ) -> Result<Admitted, ApiError> {
+        let quota = principal.quota(&self.quotas);
         let now = now_epoch();
-        let key = CounterKey::new(REQUESTS_PER_HOUR, &principal.user_id, now);
+        let key = CounterKey::hourly(&principal.user_id, now);
+        let minute_start = now - now % MINUTE_SECS;
+        let tokens = tokens_counter(minute_start);
+        let charges = [
+            Charge {
+                counter: REQUESTS.to_owned(),
+                amount: requests,
+                limit: quota.requests_per_hour,
+            },
+            Charge {
+                counter: tokens.clone(),
+                amount: token_estimate,
+                limit: quota.tokens_per_minute,
+            },
+        ];
         let reset_after_secs = key.resets_at.saturating_sub(now).max(1);
-        match self.store.try_add(&key, requests, limit).await? {
-            Admission::Admitted { count } => Ok(LimitStatus {
-                limit,
-                remaining: limit.saturating_sub(count),
-                reset_after_secs,
+        match self.store.try_charge(&key, &charges).await? {
+            Admission::Admitted { counts } => Ok(Admitted {
+                status: LimitStatus {
+                    limit: quota.requests_per_hour,
+                    remaining: quota
+                        .requests_per_hour
+                        .saturating_sub(counts.first().copied().unwrap_or(requests)),
+                    reset_after_secs,
+                },
+                reservation: TokenReservation {
+                    key,
+                    counter: tokens,
+                    reserved: token_estimate,
+                },
             }),
-            Admission::Rejected { .. } => {
-                rejection_metric("requests");
-                Err(ApiError::RateLimited {
-                    message: format!("{limit} requests per hour"),
-                    limit,
-                    retry_after_secs: reset_after_secs,
-                })
-            }
-        }
-    }
-
-    /// Holds `estimate` tokens of the per-minute budget before an upstream call.
-    pub async fn reserve_tokens(
-        &self,
-        principal: &Principal,
-        estimate: u64,
-    ) -> Result<TokenReservation, ApiError> {
-        let limit = principal.quota(&self.quotas).tokens_per_minute;
-        let now = now_epoch();
-        let key = CounterKey::new(TOKENS_PER_MINUTE, &principal.user_id, now);
-        match self.store.try_add(&key, estimate, limit).await? {
-            Admission::Admitted { .. } => Ok(TokenReservation {
-                key,
-                reserved: estimate,
-            }),
-            Admission::Rejected { count } => {
-                rejection_metric("tokens");
-                let message = match count {
-                    Some(used) => format!(
-                        "{limit} tokens per minute ({used} in use, this request needs up to {estimate})"
-                    ),
-                    None => {
-                        format!("{limit} tokens per minute (this request needs up to {estimate})")
-                    }
-                };
-                Err(ApiError::RateLimited {
-                    message,
-                    limit,
-                    retry_after_secs: key.resets_at.saturating_sub(now).max(1),
-                })
+            Admission::Rejected { counts } => {
+                let requests_used = counts.first().copied().flatten();
+                let requests_blocked =
+                    requests_used.is_none_or(|used| used + requests > quota.requests_per_hour);
+                if requests_blocked {
+                    rejection_metric("requests");
+                    Err(ApiError::RateLimited {
+                        message: format!("{} requests per hour", quota.requests_per_hour),
+                        limit: quota.requests_per_hour,
+                        retry_after_secs: reset_after_secs,
+                    })
+                } else {
+                    rejection_metric("tokens");
+                    let used = counts.get(1).copied().flatten();
+                    let message = match used {
+                        Some(used) => format!(
+                            "{} tokens per minute ({used} in use, this request needs up to {token_estimate})",
+                            quota.tokens_per_minute
+                        ),
+                        None => format!(
+                            "{} tokens per minute (this request needs up to {token_estimate})",
+                            quota.tokens_per_minute
+                        ),
+                    };
+                    Err(ApiError::RateLimited {
+                        message,
+                        limit: quota.tokens_per_minute,
+                        retry_after_secs: (minute_start + MINUTE_SECS).saturating_sub(now).max(1),
+                    })
+                }
             }
         }
     }
@@ -374,10 +447,13 @@ impl RateLimiter {
     pub async fn settle(&self, reservation: TokenReservation, actual: u64) -> Result<(), ApiError> {
         let delta = i64::try_from(actual).unwrap_or(i64::MAX)
             - i64::try_from(reservation.reserved).unwrap_or(i64::MAX);
-        self.store.adjust(&reservation.key, delta).await
+        self.store
+            .adjust(&reservation.key, &reservation.counter, delta)
+            .await
     }
 
-    /// Returns a whole reservation after a failed call (nothing was consumed upstream).
+    /// Returns a whole reservation after a call that consumed nothing upstream (a failure, or a
+    /// response served from the cache).
     pub async fn release(&self, reservation: TokenReservation) -> Result<(), ApiError> {
         self.settle(reservation, 0).await
     }

@@ -1,8 +1,12 @@
 use shared::Config;
+use shared::services::Services;
 
 #[tokio::main]
 async fn main() -> Result<(), lambda_http::Error> {
     shared::telemetry::init();
-    let config = Config::from_env().inspect_err(|e| tracing::error!(error = %e, "cold start"))?;
-    lambda_http::run(chat::app(&config)).await
+    // Clients are built once here, outside the handler, and reused by every invocation.
+    let services = Services::from_config(Config::from_env()?)
+        .await
+        .inspect_err(|e| tracing::error!(error = %e, "cold start failed"))?;
+    lambda_http::run(chat::app(services)).await
 }
