@@ -343,6 +343,14 @@ impl ChatService {
         settled
     }
 
+    /// Settles an admitted call that ended without a complete answer (a stream cut off, or a
+    /// client that went away): `used` is the best estimate of what upstream consumed.
+    pub async fn settle_partial(&self, admission: Admission, used: u64) {
+        if let Err(err) = self.limiter.settle(admission.reservation, used).await {
+            tracing::warn!(error = %err, "settling a token reservation failed");
+        }
+    }
+
     /// Returns an admitted call's whole reservation (the upstream call failed).
     pub async fn abandon(&self, admission: Admission) {
         if let Err(err) = self.limiter.release(admission.reservation).await {

@@ -98,6 +98,8 @@ pub struct Config {
     pub log_prompts: bool,
     /// Public URL of the stream function, named in the 400 for `stream: true` on chat.
     pub stream_function_url: Option<String>,
+    /// How long a stream waits for the first token before it starts sending `: ping` comments.
+    pub stream_heartbeat: Duration,
 }
 
 /// Everything wrong with the environment, each naming its variable.
@@ -175,6 +177,11 @@ impl Config {
             .unwrap_or(1_048_576),
             log_prompts: env.flag("LOG_PROMPTS", false),
             stream_function_url: env.optional("STREAM_FUNCTION_URL"),
+            stream_heartbeat: Duration::from_millis(env.number(
+                "STREAM_HEARTBEAT_MS",
+                3_000,
+                100..=60_000,
+            )),
         };
         if env.problems.is_empty() {
             Ok(config)

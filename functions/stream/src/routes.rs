@@ -1,0 +1,345 @@
+//! `POST /chat/stream` and the OpenAI-compatible `POST /v1/chat/completions`.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::{Extensions, HeaderMap, HeaderValue};
+use axum::response::sse::{Event, Sse};
+use axum::response::{IntoResponse, Response};
+use futures::future::BoxFuture;
+use shared::auth::Principal;
+use shared::cache::bypass_requested;
+use shared::chat::{Admission, ChatRequest, ChatService, Gate, PendingTurn, TurnStart};
+use shared::error::{ApiError, ErrorEnvelope};
+use shared::http::{ApiJson, current_request_id, deadline};
+use shared::llm::{Completion, CompletionRequest, LlmClient};
+use shared::openai_compat::{OpenAiChatRequest, OpenAiChatResponse, completion_id};
+use shared::ratelimit::LimitStatus;
+use shared::services::Services;
+use tokio::sync::mpsc;
+
+use crate::formats::{ChatFormat, ChatStreamEvent, OpenAiFormat, replay_pieces};
+use crate::pump::{self, Finish, Format, Upstream, done_event};
+
+/// Events buffered between the pump and the response body: small, so a slow client applies
+/// back-pressure to the upstream read instead of growing memory.
+const CHANNEL_EVENTS: usize = 16;
+
+/// Starts the upstream call. If it answers within `heartbeat`, failures are still ordinary HTTP
+/// errors; if not, the response starts and the pump sends `: ping` comments while it waits.
+async fn start_upstream(
+    llm: Arc<dyn LlmClient>,
+    request: CompletionRequest,
+    deadline: Option<Instant>,
+    heartbeat: Duration,
+) -> Result<Upstream, ApiError> {
+    let mut call: BoxFuture<'static, _> =
+        Box::pin(async move { llm.stream(&request, deadline).await });
+    match tokio::time::timeout(heartbeat, &mut call).await {
+        Ok(Ok(stream)) => Ok(Upstream::Ready(stream)),
+        Ok(Err(err)) => Err(err),
+        Err(_) => Ok(Upstream::Pending(call)),
+    }
+}
+
+fn sse_response(
+    events: impl futures::Stream<Item = Result<Event, Infallible>> + Send + 'static,
+    limit: LimitStatus,
+    cache_hit: bool,
+) -> Response {
+    let mut response = Sse::new(events).into_response();
+    let headers = response.headers_mut();
+    // Tells nginx-style proxies not to buffer the stream.
+    headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    headers.insert(
+        "x-cache",
+        HeaderValue::from_static(if cache_hit { "HIT" } else { "MISS" }),
+    );
+    limit.apply(headers);
+    response
+}
+
+fn channel_stream(
+    mut rx: mpsc::Receiver<Result<Event, Infallible>>,
+) -> impl futures::Stream<Item = Result<Event, Infallible>> + Send + 'static {
+    futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}
+
+/// Runs the pump in its own task and answers with its events.
+fn spawn_pump(
+    upstream: Upstream,
+    format: impl Format,
+    finish: Box<dyn Finish>,
+    prompt_estimate: u64,
+    heartbeat: Duration,
+    limit: LimitStatus,
+) -> Response {
+    let (tx, rx) = mpsc::channel(CHANNEL_EVENTS);
+    tokio::spawn(pump::run(
+        upstream,
+        format,
+        finish,
+        prompt_estimate,
+        heartbeat,
+        tx,
+    ));
+    sse_response(channel_stream(rx), limit, false)
+}
+
+struct TurnFinish {
+    chat: ChatService,
+    principal: Principal,
+    pending: PendingTurn,
+}
+
+impl Finish for TurnFinish {
+    fn complete(
+        self: Box<Self>,
+        completion: Completion,
+    ) -> BoxFuture<'static, Result<(), ApiError>> {
+        Box::pin(async move {
+            self.chat
+                .finish_turn(&self.principal, self.pending, completion)
+                .await
+                .map(|_| ())
+        })
+    }
+
+    fn abort(self: Box<Self>, used: u64) -> BoxFuture<'static, ()> {
+        Box::pin(async move { self.chat.settle_partial(self.pending.admission, used).await })
+    }
+}
+
+struct CompletionFinish {
+    chat: ChatService,
+    admission: Admission,
+}
+
+impl Finish for CompletionFinish {
+    fn complete(
+        self: Box<Self>,
+        completion: Completion,
+    ) -> BoxFuture<'static, Result<(), ApiError>> {
+        Box::pin(async move { self.chat.settle(self.admission, &completion).await })
+    }
+
+    fn abort(self: Box<Self>, used: u64) -> BoxFuture<'static, ()> {
+        Box::pin(async move { self.chat.settle_partial(self.admission, used).await })
+    }
+}
+
+/// One chat turn with conversation memory, streamed as Server-Sent Events.
+///
+/// Events (`data: <json>`): `start`, then `delta`s as the model produces them, then `done`
+/// (usage, cost, finish reason) once the turn is stored, or `error` if the upstream fails after
+/// the stream began; always followed by `data: [DONE]`. While waiting for the first token the
+/// stream may carry `: ping` comments. Errors before the stream starts are ordinary HTTP errors.
+#[utoipa::path(
+    post,
+    path = "/chat/stream",
+    tag = "stream",
+    request_body = ChatRequest,
+    security(("api_key" = []), ("bearer" = [])),
+    responses(
+        (status = 200, description = "`text/event-stream` of ChatStreamEvent, then `data: [DONE]`",
+         content_type = "text/event-stream", body = ChatStreamEvent),
+        (status = 400, description = "Malformed JSON or unknown field", body = ErrorEnvelope),
+        (status = 401, description = "Missing or invalid credentials", body = ErrorEnvelope),
+        (status = 404, description = "Unknown conversation (or not yours)", body = ErrorEnvelope),
+        (status = 413, description = "Body too large", body = ErrorEnvelope),
+        (status = 422, description = "Validation failed", body = ErrorEnvelope),
+        (status = 429, description = "Rate limited (ours or upstream)", body = ErrorEnvelope),
+        (status = 502, description = "Upstream failed before the first token", body = ErrorEnvelope),
+        (status = 503, description = "A dependency is unavailable", body = ErrorEnvelope),
+        (status = 504, description = "Upstream timed out before the first token", body = ErrorEnvelope)
+    )
+)]
+pub async fn chat_stream(
+    State(services): State<Services>,
+    principal: Principal,
+    headers: HeaderMap,
+    extensions: Extensions,
+    ApiJson(request): ApiJson<ChatRequest>,
+) -> Result<Response, ApiError> {
+    let chat = request.validate(services.chat.llm.registry())?;
+    let request_id = current_request_id();
+    match services
+        .chat
+        .begin_turn(&principal, chat, !bypass_requested(&headers))
+        .await?
+    {
+        TurnStart::Cached(answer, limit) => {
+            let format = ChatFormat {
+                conversation_id: answer.conversation_id,
+                model: answer.model.clone(),
+                request_id,
+            };
+            let mut events = format.start();
+            events.extend(
+                replay_pieces(&answer.message)
+                    .iter()
+                    .map(|p| format.delta(p)),
+            );
+            events.push(
+                Event::default().data(
+                    serde_json::to_string(&ChatStreamEvent::Done {
+                        conversation_id: answer.conversation_id,
+                        model: answer.model,
+                        usage: answer.usage,
+                        cost_estimate: 0.0,
+                        finish_reason: "stop".to_owned(),
+                        cached: true,
+                    })
+                    .unwrap_or_default(),
+                ),
+            );
+            events.push(done_event());
+            Ok(sse_response(
+                futures::stream::iter(events.into_iter().map(Ok)),
+                limit,
+                true,
+            ))
+        }
+        TurnStart::Fresh(pending) => {
+            let request = pending.request.clone();
+            let estimate = request.estimated_prompt_tokens();
+            let limit = pending.admission.limit;
+            let heartbeat = services.config.stream_heartbeat;
+            let upstream = match start_upstream(
+                services.chat.llm.clone(),
+                request,
+                deadline(&extensions),
+                heartbeat,
+            )
+            .await
+            {
+                Ok(upstream) => upstream,
+                Err(err) => {
+                    services.chat.abandon(pending.admission).await;
+                    return Err(err);
+                }
+            };
+            let format = ChatFormat {
+                conversation_id: pending.conversation_id,
+                model: pending.request.model.clone(),
+                request_id,
+            };
+            let finish = Box::new(TurnFinish {
+                chat: services.chat.clone(),
+                principal,
+                pending,
+            });
+            Ok(spawn_pump(
+                upstream, format, finish, estimate, heartbeat, limit,
+            ))
+        }
+    }
+}
+
+/// OpenAI-compatible chat completion: `stream: true` streams `chat.completion.chunk` objects then
+/// `data: [DONE]` (with a usage chunk when `stream_options.include_usage` is set); otherwise the
+/// answer is one `chat.completion` JSON object.
+#[utoipa::path(
+    post,
+    path = "/v1/chat/completions",
+    tag = "openai",
+    request_body = OpenAiChatRequest,
+    security(("api_key" = []), ("bearer" = [])),
+    responses(
+        (status = 200, description = "`text/event-stream` of chunks, or a `chat.completion` object",
+         body = OpenAiChatResponse),
+        (status = 400, description = "Malformed JSON", body = ErrorEnvelope),
+        (status = 401, description = "Missing or invalid credentials", body = ErrorEnvelope),
+        (status = 422, description = "Validation failed", body = ErrorEnvelope),
+        (status = 429, description = "Rate limited (ours or upstream)", body = ErrorEnvelope),
+        (status = 502, description = "Upstream failed before the first token", body = ErrorEnvelope),
+        (status = 503, description = "A dependency is unavailable", body = ErrorEnvelope),
+        (status = 504, description = "Upstream timed out before the first token", body = ErrorEnvelope)
+    )
+)]
+pub async fn completions(
+    State(services): State<Services>,
+    principal: Principal,
+    headers: HeaderMap,
+    extensions: Extensions,
+    ApiJson(request): ApiJson<OpenAiChatRequest>,
+) -> Result<Response, ApiError> {
+    let streaming = request.wants_stream();
+    let include_usage = request.include_usage();
+    let request = request.validate(services.chat.llm.registry())?;
+    let use_cache = !bypass_requested(&headers);
+    if !streaming {
+        let (answer, limit) = services
+            .chat
+            .complete(&principal, &request, use_cache, deadline(&extensions))
+            .await?;
+        let hit = answer.cached;
+        let body = OpenAiChatResponse::new(
+            answer.model,
+            answer.content,
+            answer.finish_reason,
+            answer.usage,
+            answer.cost_usd,
+        );
+        let mut response = Json(body).into_response();
+        limit.apply(response.headers_mut());
+        response.headers_mut().insert(
+            "x-cache",
+            HeaderValue::from_static(if hit { "HIT" } else { "MISS" }),
+        );
+        return Ok(response);
+    }
+    let format = OpenAiFormat {
+        id: completion_id(),
+        created: shared::dynamo::now_epoch(),
+        model: request.model.clone(),
+        include_usage,
+        request_id: current_request_id(),
+    };
+    match services.chat.gate(&principal, &request, use_cache).await? {
+        Gate::Hit { cached, limit } => {
+            let mut events = format.start();
+            events.extend(
+                replay_pieces(&cached.content)
+                    .iter()
+                    .map(|p| format.delta(p)),
+            );
+            events.extend(format.closing(&cached.finish_reason, cached.usage));
+            events.push(done_event());
+            Ok(sse_response(
+                futures::stream::iter(events.into_iter().map(Ok)),
+                limit,
+                true,
+            ))
+        }
+        Gate::Miss(admission) => {
+            let estimate = request.estimated_prompt_tokens();
+            let limit = admission.limit;
+            let heartbeat = services.config.stream_heartbeat;
+            let upstream = match start_upstream(
+                services.chat.llm.clone(),
+                request,
+                deadline(&extensions),
+                heartbeat,
+            )
+            .await
+            {
+                Ok(upstream) => upstream,
+                Err(err) => {
+                    services.chat.abandon(admission).await;
+                    return Err(err);
+                }
+            };
+            let finish = Box::new(CompletionFinish {
+                chat: services.chat.clone(),
+                admission,
+            });
+            Ok(spawn_pump(
+                upstream, format, finish, estimate, heartbeat, limit,
+            ))
+        }
+    }
+}
