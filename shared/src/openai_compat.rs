@@ -162,7 +162,12 @@ impl OpenAiChatRequest {
         request.top_p = self.top_p.map(|p| p as f32);
         request.stop = stop;
         request.seed = self.seed;
-        request.user = self.user;
+        // Providers want a stable end-user id for abuse monitoring, not the raw value (it is
+        // often an e-mail address): forward a short hash.
+        request.user = self.user.filter(|u| !u.is_empty()).map(|u| {
+            use sha2::Digest;
+            hex::encode(&sha2::Sha256::digest(u.as_bytes())[..16])
+        });
         Ok(request)
     }
 }

@@ -49,8 +49,7 @@ impl Services {
     pub async fn from_config(config: Config) -> Result<Self, StartupError> {
         let client = crate::dynamo::client().await;
         let tables = &config.tables;
-        let llm: Arc<dyn LlmClient> =
-            Arc::new(OpenAiClient::from_config(&config)?.with_log_prompts(config.log_prompts));
+        let llm: Arc<dyn LlmClient> = Arc::new(OpenAiClient::from_config(&config)?);
         let keys: Arc<dyn ApiKeyStore> =
             Arc::new(DynamoApiKeys::new(client.clone(), tables.api_keys.clone()));
         let auth = Arc::new(Authenticator::from_config(&config, keys)?);
