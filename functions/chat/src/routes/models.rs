@@ -1,6 +1,8 @@
 use axum::Json;
 use axum::extract::State;
 use serde::Serialize;
+use shared::auth::Principal;
+use shared::error::ErrorEnvelope;
 use shared::openai_compat::OpenAiModelList;
 use shared::services::Services;
 use utoipa::ToSchema;
@@ -29,8 +31,10 @@ pub struct ModelCatalog {
 
 /// The model registry: ids, aliases, limits, prices and fallbacks.
 #[utoipa::path(get, path = "/models", tag = "models",
-    responses((status = 200, description = "The registry", body = ModelCatalog)))]
-pub async fn models(State(services): State<Services>) -> Json<ModelCatalog> {
+    security(("api_key" = []), ("bearer" = [])),
+    responses((status = 200, description = "The registry", body = ModelCatalog),
+        (status = 401, description = "Missing or invalid credentials", body = ErrorEnvelope)))]
+pub async fn models(State(services): State<Services>, _caller: Principal) -> Json<ModelCatalog> {
     let registry = services.chat.llm.registry();
     Json(ModelCatalog {
         default_model: registry.default_model().id.clone(),
@@ -53,7 +57,12 @@ pub async fn models(State(services): State<Services>) -> Json<ModelCatalog> {
 
 /// OpenAI-compatible model list.
 #[utoipa::path(get, path = "/v1/models", tag = "openai",
-    responses((status = 200, description = "`list` of `model` objects", body = OpenAiModelList)))]
-pub async fn openai_models(State(services): State<Services>) -> Json<OpenAiModelList> {
+    security(("api_key" = []), ("bearer" = [])),
+    responses((status = 200, description = "`list` of `model` objects", body = OpenAiModelList),
+        (status = 401, description = "Missing or invalid credentials", body = ErrorEnvelope)))]
+pub async fn openai_models(
+    State(services): State<Services>,
+    _caller: Principal,
+) -> Json<OpenAiModelList> {
     Json(OpenAiModelList::from_registry(services.chat.llm.registry()))
 }
