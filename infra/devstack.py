@@ -437,6 +437,7 @@ class Stack:
         self.stack_env: dict[str, str] = {}
         self.gw_env: dict[str, str] = {}
         self.api_key = ""
+        self.dev_jwt = ""
         self.watch_port = 0
         self.mock_url: str | None = None
 
@@ -518,6 +519,20 @@ class Stack:
         )
         return key
 
+    def mint_dev_jwt(self, binaries: Path, jwt_secret: str) -> str:
+        """A 12-hour HS256 token for user `dev` (tier pro), minted by the admin CLI."""
+        admin = binaries / "admin"
+        if not admin.exists():
+            raise StackError(f"{admin} is missing after the build")
+        result = subprocess.run(
+            [str(admin), "jwt", "mint", "--user", "dev", "--tier", "pro", "--ttl", "12h"],
+            env={**self.env, "JWT_SECRET": jwt_secret, "JWT_ALGORITHM": "HS256"},
+            capture_output=True, text=True, stdin=subprocess.DEVNULL,
+        )
+        if result.returncode != 0:
+            raise StackError(f"admin jwt mint failed: {result.stderr.strip()}")
+        return result.stdout.strip()
+
     def start_watch(self) -> None:
         argv = [str(VENV_BIN / "cargo-lambda"), "lambda", "watch",
                 "--invoke-address", "127.0.0.1", "--invoke-port", str(self.watch_port),
@@ -560,6 +575,8 @@ class Stack:
             self.mock_url = self.start_mock(binaries)
             openai = {"OPENAI_BASE_URL": f"{self.mock_url}/v1", "OPENAI_API_KEY": "mock-key"}
         self.api_key = self.create_dev_key()
+        jwt_secret = secrets.token_hex(32)
+        self.dev_jwt = self.mint_dev_jwt(binaries, jwt_secret)
         # Chosen before the env file is written: the chat function names the stream URL.
         self.watch_port = pick_port(self.args.port, "cargo lambda watch")
         functions_url = f"http://127.0.0.1:{self.watch_port}/lambda-url"
@@ -580,7 +597,7 @@ class Stack:
             "AWS_ACCESS_KEY_ID": "local",
             "AWS_SECRET_ACCESS_KEY": "local",
             **openai,
-            "JWT_SECRET": secrets.token_hex(32),
+            "JWT_SECRET": jwt_secret,
             "JWT_ALGORITHM": "HS256",
             "RUST_LOG": "info",
             "STREAM_FUNCTION_URL": f"{functions_url}/stream",
@@ -593,6 +610,7 @@ class Stack:
             "GW_FUNCTIONS_URL": functions_url,
             **({"GW_MOCK_LLM_URL": self.mock_url} if self.mock_url else {}),
             "GW_DEV_API_KEY": self.api_key,
+            "GW_DEV_JWT": self.dev_jwt,
             "GW_TEMPLATE": str(TEMPLATE),
             "GW_STACK_ENV_FILE": str(self.env_file),
             "GW_TABLE_PREFIX": self.prefix,
@@ -661,7 +679,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         out.write(f"  LLM        {stack.stack_env['OPENAI_BASE_URL']}\n")
         out.write(f"  env files  {stack.env_file} (functions), {stack.gw_env_file} (tests)\n")
         out.write(f"  logs       {stack.logs}/\n")
-        out.write(f"\n  dev API key: {stack.api_key}\n\n")
+        out.write(f"\n  dev API key: {stack.api_key}\n")
+        out.write(f"  dev JWT:     {stack.dev_jwt}\n\n")
         out.write("Try:\n  curl -s -H \"X-API-Key: " + stack.api_key + "\" -H 'content-type: application/json' "
                   f"-d '{{\"message\":\"Hello\"}}' {base}/chat/chat\n\nCtrl-C stops everything.\n")
         out.flush()
