@@ -14,6 +14,7 @@
 //!   be picked out of the mock's log ([`Stack::upstream_requests_with`]) and no other test can
 //!   share its response-cache entries (the cache key does not include the caller).
 
+pub mod sam;
 pub mod template;
 
 use std::collections::BTreeMap;
@@ -67,6 +68,8 @@ pub enum HarnessError {
     Io(#[from] std::io::Error),
     #[error("YAML: {0}")]
     Yaml(#[from] serde_yaml::Error),
+    #[error("JSON: {0}")]
+    Json(#[from] serde_json::Error),
     #[error("{0}")]
     Unexpected(String),
 }
@@ -734,4 +737,50 @@ impl UpstreamRequest {
             .as_u64()
             .or_else(|| self.body["max_tokens"].as_u64())
     }
+}
+
+// ------------------------------------------------------------------------------------------
+// Streaming helpers
+
+impl Stack {
+    /// Streamed answers of requests carrying `[mock key=<key>]` whose client went away before
+    /// the end, as the mock counted them (`streams_cancelled_by_key` of `GET /mock/stats`).
+    pub async fn mock_streams_cancelled(&self, key: &str) -> Result<u64> {
+        let response = self
+            .http
+            .get(format!("{}/mock/stats", self.mock_url))
+            .send()
+            .await?
+            .error_for_status()?;
+        let stats: Value = response.json().await?;
+        if !stats["streams_cancelled_by_key"].is_object() {
+            return Err(HarnessError::Unexpected(format!(
+                "GET /mock/stats has no streams_cancelled_by_key: {stats}"
+            )));
+        }
+        Ok(stats["streams_cancelled_by_key"][key].as_u64().unwrap_or(0))
+    }
+}
+
+/// A Python interpreter that can import the pinned `openai` package: `python` on PATH (the
+/// venv's under `infra/devstack.py run`), else the workspace's `.venv`.
+pub async fn python_with_openai() -> Result<PathBuf> {
+    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/python");
+    for candidate in [PathBuf::from("python"), venv] {
+        let probe = tokio::process::Command::new(&candidate)
+            .args(["-c", "import openai"])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .await;
+        if probe.is_ok_and(|status| status.success()) {
+            return Ok(candidate);
+        }
+    }
+    Err(HarnessError::Unexpected(
+        "no Python with the `openai` package: run infra/bootstrap.sh (it installs the pinned \
+         tools into .venv)"
+            .to_owned(),
+    ))
 }

@@ -70,9 +70,11 @@ pub async fn run(
     let mut stream = match upstream {
         Upstream::Ready(stream) => stream,
         Upstream::Pending(mut call) => {
-            // Keeps proxies and clients from timing out while the model is slow to start.
+            // Keeps proxies and clients from timing out while the model is slow to start. The
+            // response starts only because a heartbeat has already passed without a token, so
+            // the first ping is due now (the interval's first tick is immediate), then one per
+            // heartbeat: the client never waits more than a heartbeat for a byte.
             let mut ticker = tokio::time::interval(heartbeat);
-            ticker.tick().await;
             loop {
                 tokio::select! {
                     result = &mut call => match result {
@@ -161,4 +163,96 @@ pub async fn run(
     };
     let _ = send(&tx, format.error(&err)).await;
     let _ = send(&tx, done_event()).await;
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use axum::response::IntoResponse;
+    use axum::response::sse::Sse;
+    use http_body_util::BodyExt;
+    use shared::llm::Usage;
+
+    struct Plain;
+
+    impl Format for Plain {
+        fn start(&self) -> Vec<Event> {
+            vec![Event::default().data("start")]
+        }
+        fn delta(&self, text: &str) -> Event {
+            Event::default().data(text)
+        }
+        fn done(&self, _: &Finished) -> Vec<Event> {
+            vec![Event::default().data("done")]
+        }
+        fn error(&self, _: &ApiError) -> Event {
+            Event::default().data("error")
+        }
+    }
+
+    struct Ignore;
+
+    impl Finish for Ignore {
+        fn complete(self: Box<Self>, _: Completion) -> BoxFuture<'static, Result<(), ApiError>> {
+            Box::pin(async { Ok(()) })
+        }
+        fn abort(self: Box<Self>, _: u64) -> BoxFuture<'static, ()> {
+            Box::pin(async {})
+        }
+    }
+
+    /// What the client receives when the first token comes `first_token_after` into the
+    /// streamed response, with pings every `heartbeat`.
+    async fn body_for_slow_start(first_token_after: Duration, heartbeat: Duration) -> String {
+        let call: BoxFuture<'static, Result<CompletionStream, ApiError>> = Box::pin(async move {
+            tokio::time::sleep(first_token_after).await;
+            let items = vec![
+                Ok(StreamEvent::Delta("hi".to_owned())),
+                Ok(StreamEvent::Done {
+                    model: "m".to_owned(),
+                    usage: Usage::reported(1, 1),
+                    finish_reason: "stop".to_owned(),
+                    cost_usd: 0.0,
+                }),
+            ];
+            Ok(futures::stream::iter(items).boxed())
+        });
+        let (tx, mut rx) = mpsc::channel(16);
+        tokio::spawn(run(
+            Upstream::Pending(call),
+            Plain,
+            Box::new(Ignore),
+            1,
+            heartbeat,
+            tx,
+        ));
+        let events = futures::stream::poll_fn(move |cx| rx.poll_recv(cx));
+        let body = Sse::new(events).into_response().into_body();
+        let bytes = body.collect().await.unwrap().to_bytes();
+        String::from_utf8(bytes.to_vec()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_slow_start_pings_at_once_when_the_response_starts() {
+        // The heartbeat is far longer than the wait: only an immediate ping can come first.
+        let body = body_for_slow_start(Duration::from_millis(150), Duration::from_secs(30)).await;
+        assert_eq!(
+            body,
+            ": ping\n\ndata: start\n\ndata: hi\n\ndata: done\n\ndata: [DONE]\n\n"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_slow_start_keeps_pinging_every_heartbeat_until_the_first_token() {
+        let body =
+            body_for_slow_start(Duration::from_millis(500), Duration::from_millis(100)).await;
+        let pings = body.matches(": ping\n\n").count();
+        assert!((3..=6).contains(&pings), "{pings} pings in {body:?}");
+        assert!(body.starts_with(": ping\n\n"), "{body:?}");
+        assert!(
+            body.ends_with("data: start\n\ndata: hi\n\ndata: done\n\ndata: [DONE]\n\n"),
+            "{body:?}"
+        );
+    }
 }
