@@ -86,6 +86,23 @@ pub struct LlmSettings {
     pub default_model: Option<String>,
 }
 
+/// How the batch function drains asynchronous jobs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchSettings {
+    /// Upper bound on one drain's upstream calls in flight, whatever a job asked for
+    /// (`BATCH_DRAIN_CONCURRENCY`, default 8).
+    pub drain_concurrency: usize,
+    /// How long a claimed job stays with its drain without a renewal; a crashed drain's job is
+    /// picked up again this long after its last renewal (`BATCH_LEASE_SECONDS`, default 120).
+    pub lease: Duration,
+    /// Time left unused before the Lambda deadline, so a drain can record and release in time
+    /// (`BATCH_DRAIN_MARGIN_MS`, default 5000).
+    pub drain_margin: Duration,
+    /// How long jobs and their results are kept after submission (`BATCH_JOB_TTL_DAYS`,
+    /// default 7).
+    pub job_ttl: Duration,
+}
+
 #[derive(Debug, Clone)]
 pub struct Config {
     pub tables: Tables,
@@ -100,6 +117,7 @@ pub struct Config {
     pub stream_function_url: Option<String>,
     /// How long a stream waits for the first token before it starts sending `: ping` comments.
     pub stream_heartbeat: Duration,
+    pub batch: BatchSettings,
 }
 
 /// Everything wrong with the environment, each naming its variable.
@@ -182,6 +200,21 @@ impl Config {
                 3_000,
                 100..=60_000,
             )),
+            batch: BatchSettings {
+                drain_concurrency: usize::try_from(env.number(
+                    "BATCH_DRAIN_CONCURRENCY",
+                    8,
+                    1..=64,
+                ))
+                .unwrap_or(8),
+                lease: Duration::from_secs(env.number("BATCH_LEASE_SECONDS", 120, 10..=3_600)),
+                drain_margin: Duration::from_millis(env.number(
+                    "BATCH_DRAIN_MARGIN_MS",
+                    5_000,
+                    100..=60_000,
+                )),
+                job_ttl: Duration::from_secs(env.number("BATCH_JOB_TTL_DAYS", 7, 1..=365) * 86_400),
+            },
         };
         if env.problems.is_empty() {
             Ok(config)
@@ -420,6 +453,44 @@ mod tests {
             err.contains("JWT_ALGORITHM must be HS256 or RS256"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn batch_settings_have_defaults_and_are_overridable_within_bounds() {
+        let config = load(&base()).unwrap();
+        assert_eq!(
+            config.batch,
+            BatchSettings {
+                drain_concurrency: 8,
+                lease: Duration::from_secs(120),
+                drain_margin: Duration::from_secs(5),
+                job_ttl: Duration::from_secs(7 * 86_400),
+            }
+        );
+
+        let mut vars = base();
+        vars.insert("BATCH_DRAIN_CONCURRENCY".into(), "32".into());
+        vars.insert("BATCH_LEASE_SECONDS".into(), "45".into());
+        vars.insert("BATCH_DRAIN_MARGIN_MS".into(), "1500".into());
+        vars.insert("BATCH_JOB_TTL_DAYS".into(), "2".into());
+        let batch = load(&vars).unwrap().batch;
+        assert_eq!(batch.drain_concurrency, 32);
+        assert_eq!(batch.lease, Duration::from_secs(45));
+        assert_eq!(batch.drain_margin, Duration::from_millis(1500));
+        assert_eq!(batch.job_ttl, Duration::from_secs(2 * 86_400));
+
+        let mut vars = base();
+        vars.insert("BATCH_DRAIN_CONCURRENCY".into(), "0".into());
+        vars.insert("BATCH_LEASE_SECONDS".into(), "5".into());
+        vars.insert("BATCH_JOB_TTL_DAYS".into(), "forever".into());
+        let err = load(&vars).unwrap_err().to_string();
+        for name in [
+            "BATCH_DRAIN_CONCURRENCY",
+            "BATCH_LEASE_SECONDS",
+            "BATCH_JOB_TTL_DAYS",
+        ] {
+            assert!(err.contains(name), "{name} not reported in {err}");
+        }
     }
 
     #[test]

@@ -25,6 +25,8 @@ pub enum StartupError {
     Llm(#[from] ClientInitError),
     #[error("JWT: {0}")]
     Jwt(#[from] InvalidJwtKey),
+    #[error("secrets: {0}")]
+    Secrets(#[from] crate::secrets::SecretsError),
 }
 
 /// The application state shared by every handler (cheap to clone: all `Arc`s).
@@ -45,6 +47,13 @@ impl FromRef<Services> for Arc<Authenticator> {
 }
 
 impl Services {
+    /// What every function's `main.rs` calls once per cold start: reads the configuration, with
+    /// the secrets given by SSM reference fetched first ([`crate::secrets`]), and builds the
+    /// production wiring.
+    pub async fn from_env() -> Result<Self, StartupError> {
+        Self::from_config(crate::secrets::load_config().await?).await
+    }
+
     /// The production wiring: DynamoDB stores and the OpenAI-compatible client.
     pub async fn from_config(config: Config) -> Result<Self, StartupError> {
         let client = crate::dynamo::client().await;

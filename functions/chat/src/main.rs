@@ -1,11 +1,10 @@
-use shared::Config;
 use shared::services::Services;
 
 #[tokio::main]
 async fn main() -> Result<(), lambda_http::Error> {
     shared::telemetry::init();
     // Clients are built once here, outside the handler, and reused by every invocation.
-    let services = Services::from_config(Config::from_env()?)
+    let services = Services::from_env()
         .await
         .inspect_err(|e| tracing::error!(error = %e, "cold start failed"))?;
     lambda_http::run(chat::app(services)).await

@@ -2,7 +2,9 @@
 
 use std::collections::BTreeMap;
 use std::io;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::body::Body;
@@ -13,12 +15,13 @@ use axum::response::{IntoResponse, Response};
 use axum::{BoxError, Json};
 use bytes::Bytes;
 use futures::{StreamExt, stream};
+use http_body::{Frame, SizeHint};
 use serde_json::Value;
 
 use crate::openai::{ApiError, ChatChunk, ChatCompletion, ChatRequest, ResponseMeta, Usage};
 use crate::options::{Fault, MockOptions, header_option_name};
 use crate::reply::Completion;
-use crate::state::{MockState, RecordedRequest};
+use crate::state::{InFlight, MockState, RecordedRequest};
 
 /// Before cutting a body the server pauses at least this long, so the bytes already produced
 /// are flushed to the socket instead of being discarded together with the aborted connection.
@@ -29,9 +32,43 @@ pub async fn chat_completions(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let parsed = serde_json::from_slice::<Value>(&body);
-    state.record(recorded_request(&headers, parsed.as_ref().ok(), &body));
-    if !has_bearer_token(&headers) {
+    let in_flight = state.enter(request_key(&headers, &body).as_deref());
+    let mut response = answer(&state, &headers, &body).await;
+    let stream = response
+        .extensions_mut()
+        .remove::<StreamedAnswer>()
+        .map(|answer| StreamWatch {
+            state: Arc::clone(&state),
+            key: answer.key,
+            ended: false,
+        });
+    response.map(|body| {
+        Body::new(Tracked {
+            body,
+            in_flight,
+            stream,
+        })
+    })
+}
+
+/// The `key` option of a request, read before it is answered so that the request counts as
+/// in flight under its key from its first moment.
+fn request_key(headers: &HeaderMap, body: &Bytes) -> Option<String> {
+    let request = serde_json::from_slice::<ChatRequest>(body).ok()?;
+    let turns = request.turns();
+    MockOptions::from_sources(
+        &request.model,
+        mock_headers(headers),
+        turns.iter().map(|turn| turn.text.as_str()),
+    )
+    .key
+}
+
+/// The answer to one request: everything the mock does except the in-flight bookkeeping.
+async fn answer(state: &Arc<MockState>, headers: &HeaderMap, body: &Bytes) -> Response {
+    let parsed = serde_json::from_slice::<Value>(body);
+    state.record(recorded_request(headers, parsed.as_ref().ok(), body));
+    if !has_bearer_token(headers) {
         return ApiError::MissingApiKey.into_response();
     }
     let request = match parsed {
@@ -44,7 +81,7 @@ pub async fn chat_completions(
     let turns = request.turns();
     let options = MockOptions::from_sources(
         &request.model,
-        mock_headers(&headers),
+        mock_headers(headers),
         turns.iter().map(|turn| turn.text.as_str()),
     );
     let fault = options
@@ -62,6 +99,77 @@ pub async fn chat_completions(
         options,
     };
     reply.send(fault).await
+}
+
+/// A response body that keeps its request counted as in flight until the body has been sent
+/// to the end or dropped (a client that went away), so streamed answers count for their whole
+/// duration. Size hint and end-of-stream pass through, so headers such as `content-length`
+/// are unchanged.
+struct Tracked {
+    body: Body,
+    in_flight: InFlight,
+    /// Set for a streamed answer: notices a client that goes away before the end.
+    stream: Option<StreamWatch>,
+}
+
+/// Put on a streamed answer's response by [`Reply::event_stream`], so the body wrapper knows
+/// to watch it; `key` is the request's `key` option.
+#[derive(Debug, Clone)]
+struct StreamedAnswer {
+    key: Option<String>,
+}
+
+/// A streamed answer in progress. Dropped before the body reached its end (or its injected
+/// cut), it counts as cancelled: hyper drops a response body only when it is done with it or
+/// when the connection failed, i.e. the client went away.
+#[derive(Debug)]
+struct StreamWatch {
+    state: Arc<MockState>,
+    key: Option<String>,
+    ended: bool,
+}
+
+impl Drop for StreamWatch {
+    fn drop(&mut self) {
+        if !self.ended {
+            self.state.record_cancelled_stream(self.key.as_deref());
+        }
+    }
+}
+
+impl http_body::Body for Tracked {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
+        let this = self.get_mut();
+        let poll = Pin::new(&mut this.body).poll_frame(cx);
+        // The server's own end of the body: its last frame, or the error of an injected cut.
+        if let (Poll::Ready(None | Some(Err(_))), Some(watch)) = (&poll, this.stream.as_mut()) {
+            watch.ended = true;
+        }
+        poll
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+impl std::fmt::Debug for Tracked {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tracked")
+            .field("in_flight", &self.in_flight)
+            .field("stream", &self.stream)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Everything needed to answer one request once its options are known.
@@ -142,7 +250,11 @@ impl Reply {
             }
             event
         });
-        Sse::new(events).into_response()
+        let mut response = Sse::new(events).into_response();
+        response.extensions_mut().insert(StreamedAnswer {
+            key: self.options.key.clone(),
+        });
+        response
     }
 
     /// The first half of the JSON answer, then a body error: the response is 200 but the body

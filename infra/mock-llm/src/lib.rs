@@ -9,7 +9,10 @@
 //! `context`, `none`), `times`, `key`, `retry_after`, `hang_ms`, `cut_after`, `tokens`,
 //! `ttft_ms`, `token_ms`, `latency_ms`; `-` and `_` are interchangeable.
 //!
-//! Introspection: `GET /mock/stats`, `GET /mock/requests?limit=N`, `POST /mock/reset`,
+//! Introspection: `GET /mock/stats` (request counts; chat-completion requests `in_flight` now
+//! and at their `peak_in_flight`, also `peak_in_flight_by_key` for requests that named a `key`;
+//! and `streams_cancelled`: streamed answers whose client went away before the end, also
+//! `streams_cancelled_by_key`), `GET /mock/requests?limit=N`, `POST /mock/reset`,
 //! `GET /health`.
 
 mod chat;

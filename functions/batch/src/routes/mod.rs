@@ -1,0 +1,3 @@
+pub mod batch;
+pub mod jobs;
+pub mod long_text;
