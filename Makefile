@@ -10,13 +10,18 @@ PYTHON := $(VENV)/bin/python
 export PATH := $(VENV)/bin:$(PATH)
 export SAM_CLI_TELEMETRY := 0
 
-.PHONY: help bootstrap dev test lint
+.PHONY: help bootstrap dev test lint bench sam-test sam-build sam-up sam-down reliability supply-chain
 
 help:
 	@echo "make dev        start the local stack (DynamoDB emulator, mock LLM, cargo lambda watch)"
-	@echo "make test       lint, then the whole test suite against a fresh local stack"
+	@echo "make test       lint, the whole test suite against a fresh local stack, then sam-test"
+	@echo "make sam-test   Docker engine + base image, sam build (x86_64), the SAM local tests"
+	@echo "make sam-up     start the Docker engine for sam local by hand (sam-down stops it)"
 	@echo "make lint       rustfmt, clippy, SAM template validation and lint"
+	@echo "make reliability  load with faults, DynamoDB outage, key timing, debug-log and RS256 audits"
+	@echo "make supply-chain cargo deny: licences, bans, sources (advisories when the database is reachable)"
 	@echo "make bootstrap  install the pinned tools into .venv"
+	@echo "make bench      Rust functions vs the FastAPI reference (release builds, ~30-45 min); see BENCHMARKS.md"
 
 bootstrap:
 	infra/bootstrap.sh
@@ -28,7 +33,52 @@ lint: bootstrap
 	cargo fmt --all --check
 	cargo clippy --workspace --all-targets -- -D warnings
 	sam validate --lint
-	$(PYTHON) -m py_compile infra/dynamo_emulator.py infra/tables.py infra/devstack.py
+	$(PYTHON) -m py_compile infra/dynamo_emulator.py infra/tables.py infra/devstack.py \
+		tests/bench/bench.py tests/bench/reference/app.py infra/sam_host_network.py
+	bash -n infra/sam-local.sh
 
-test: lint
-	$(PYTHON) infra/devstack.py run -- cargo nextest run --workspace --no-fail-fast
+# The SAM local tests need Docker and `sam build`: they run in sam-test, after the main suite.
+SAM_TESTS := binary_id(integration-tests::sam_local)
+
+test: lint supply-chain
+	$(PYTHON) infra/devstack.py run -- cargo nextest run --workspace --no-fail-fast -E 'not $(SAM_TESTS)'
+	$(MAKE) --no-print-directory sam-test
+	$(MAKE) --no-print-directory reliability
+
+# Suites that disturb the stack they run against, each on a fresh stack of its own and never
+# beside the main run (RELIABILITY.md): load with faults, DynamoDB paused, key timing; then
+# debug logging with an RS256 configuration (.config/nextest.toml leaves both out of the main run).
+AUDIT_JWT_KEY = $(shell awk '{printf "%s\\n", $$0}' shared/tests/fixtures/rs256_public.pem)
+reliability: bootstrap
+	GW_SUITE=reliability $(PYTHON) infra/devstack.py run --concurrency 8 -- \
+		cargo nextest run -p integration-tests --profile reliability
+	GW_SUITE=audit $(PYTHON) infra/devstack.py run --function-env RUST_LOG=debug \
+		--function-env JWT_ALGORITHM=RS256 --function-env "JWT_PUBLIC_KEY=$(AUDIT_JWT_KEY)" \
+		--function-env JWT_ISSUER=https://issuer.audit.test --function-env JWT_AUDIENCE=gateway-audit \
+		-- cargo nextest run -p integration-tests --profile audit
+
+# cargo-deny with deny.toml. RustSec's advisory database is fetched from GitHub; where that is
+# unreachable the advisories check is skipped with a notice and the offline checks still run.
+supply-chain: bootstrap
+	cargo deny check licenses bans sources
+	@if timeout 60 cargo deny fetch db >/dev/null 2>&1; then cargo deny check --disable-fetch advisories; \
+	else echo "supply-chain: advisories NOT checked: the RustSec advisory database cannot be fetched here"; fi
+
+# Installs docker.io and debootstrap when missing, starts a Docker engine of its own, builds the
+# Lambda base image once, runs `sam build` (x86_64) and the SAM local tests, stops the engine.
+sam-test: bootstrap
+	infra/sam-local.sh test
+
+sam-build: bootstrap
+	infra/sam-local.sh build
+
+sam-up: bootstrap
+	infra/sam-local.sh up
+
+sam-down:
+	infra/sam-local.sh down
+
+# Not part of `make test`: release builds, the zips and ~20 minutes of measurement on the shared
+# stack. BENCH_ARGS passes options through, e.g. BENCH_ARGS="--skip-package --only warm".
+bench: bootstrap
+	$(PYTHON) tests/bench/bench.py $(BENCH_ARGS)

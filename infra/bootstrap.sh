@@ -24,4 +24,10 @@ if ! cargo nextest --version >/dev/null 2>&1; then
   echo "bootstrap: installing cargo-nextest" >&2
   cargo install --locked cargo-nextest@0.9.143
 fi
+# Supply-chain checks of `make test` (deny.toml). Compiling it takes minutes, once per machine.
+CARGO_DENY_VERSION=0.20.2
+if [[ "$(cargo deny --version 2>/dev/null)" != "cargo-deny $CARGO_DENY_VERSION" ]]; then
+  echo "bootstrap: installing cargo-deny $CARGO_DENY_VERSION (compiles for a few minutes, once)" >&2
+  cargo install --locked "cargo-deny@$CARGO_DENY_VERSION"
+fi
 rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy rustfmt

@@ -12,6 +12,11 @@
         Test mode: the same stack on free ports with a temporary state dir (always with the mock
         LLM), then runs the command with the stack's environment plus GW_* variables, stops
         everything and exits with the command's exit code.
+        With --services-only, cargo lambda watch is not started (infra/sam-local.sh runs the
+        functions under SAM local instead).
+        --function-env NAME=VALUE (repeatable, both modes) sets or overrides a variable of the
+        functions' environment, e.g. RUST_LOG=debug; the command also gets GW_DYNAMODB_PID,
+        GW_WATCH_PID and GW_LOG_DIR for tests that disturb or inspect the stack (make reliability).
 
 Every process the stack starts gets its own process group; this script also registers as a
 child subreaper, so anything they spawn stays in its process tree.  On exit (normal, failure,
@@ -131,15 +136,28 @@ def base_env() -> dict[str, str]:
     return env
 
 
+_PLAIN_ENV_VALUE = re.compile(r"[A-Za-z0-9_./:@,+=%-]*")
+
+
+def env_line(key: str, value: str) -> str:
+    """`KEY=value`; a value with spaces or other special characters (a PEM given with
+    `--function-env`) in single quotes, which dotenv parsers take literally."""
+    if "\n" in value or "\r" in value:
+        raise StackError(f"env value of {key} contains a newline")
+    if _PLAIN_ENV_VALUE.fullmatch(value):
+        return f"{key}={value}\n"
+    if "'" in value:
+        raise StackError(f"env value of {key} contains both special characters and a single quote")
+    return f"{key}='{value}'\n"
+
+
 def write_env_file(path: Path, values: dict[str, str]) -> None:
-    for key, value in values.items():
-        if "\n" in value or "\r" in value:
-            raise StackError(f"env value of {key} contains a newline")
+    lines = "".join(env_line(key, value) for key, value in values.items())
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # it holds secrets
     with os.fdopen(fd, "w") as f:
-        f.write("".join(f"{key}={value}\n" for key, value in values.items()))
+        f.write(lines)
     os.replace(tmp, path)
 
 
@@ -439,6 +457,8 @@ class Stack:
         self.api_key = ""
         self.dev_jwt = ""
         self.watch_port = 0
+        self.watch_pid = 0
+        self.emulator_pid = 0
         self.mock_url: str | None = None
 
     # -- steps ---------------------------------------------------------------------------
@@ -473,6 +493,7 @@ class Stack:
         child = self.start("dynamodb", [str(VENV_BIN / "python"), str(ROOT / "infra" / "dynamo_emulator.py"),
                                         "--host", "127.0.0.1", "--port", str(port)])
         match = child.wait_for_line(r"dynamodb-emulator listening on (http://\S+)", 30)
+        self.emulator_pid = child.pid
         say(f"DynamoDB emulator at {match.group(1)}")
         return match.group(1)
 
@@ -548,6 +569,7 @@ class Stack:
         # watch runs `cargo run --bin <fn>` on the first request; a compile error there would
         # leave the request hanging, so its output is watched for cargo's failure line.
         watch = self.start("watch", argv, echo=echo, env=env, fail_pattern=r"^error: could not compile")
+        self.watch_pid = watch.pid
 
         def alive() -> None:
             status = watch.exit_status()
@@ -584,10 +606,13 @@ class Stack:
         registry = {} if use_real else {"MODEL_REGISTRY_PATH": str(ROOT / "shared" / "models.test.toml")}
         # Test runs use small free-tier quotas and a short upstream timeout so limit and
         # timeout behaviour can be exercised in seconds; pro and enterprise keep the defaults.
+        # The stream heartbeat is shorter than that timeout, so a slow first token can show
+        # `: ping` comments before the upstream call would time out.
         test_settings = {
             "RATE_LIMIT_FREE_REQUESTS_PER_HOUR": "5",
             "RATE_LIMIT_FREE_TOKENS_PER_MINUTE": "3000",
             "LLM_TIMEOUT_MS": "1000",
+            "STREAM_HEARTBEAT_MS": "500",
         } if self.test_mode else {}
         self.stack_env = {
             **template_env,
@@ -603,9 +628,14 @@ class Stack:
             "STREAM_FUNCTION_URL": f"{functions_url}/stream",
             **registry,
             **test_settings,
+            # Last, so a test stack can turn on debug logs or switch JWT algorithms.
+            **self.function_env_overrides(),
         }
         write_env_file(self.env_file, self.stack_env)
-        self.start_watch()
+        if getattr(self.args, "services_only", False):
+            say("--services-only: not starting cargo lambda watch")
+        else:
+            self.start_watch()
         self.gw_env = {
             "GW_FUNCTIONS_URL": functions_url,
             **({"GW_MOCK_LLM_URL": self.mock_url} if self.mock_url else {}),
@@ -614,8 +644,23 @@ class Stack:
             "GW_TEMPLATE": str(TEMPLATE),
             "GW_STACK_ENV_FILE": str(self.env_file),
             "GW_TABLE_PREFIX": self.prefix,
+            # For tests that disturb or inspect the stack itself (reliability suite): the
+            # emulator to pause, the process whose descendants are the functions, and the logs.
+            "GW_DYNAMODB_PID": str(self.emulator_pid),
+            "GW_WATCH_PID": str(self.watch_pid),
+            "GW_LOG_DIR": str(self.logs),
         }
         write_env_file(self.gw_env_file, self.gw_env)
+
+    def function_env_overrides(self) -> dict[str, str]:
+        """`--function-env NAME=VALUE` pairs, applied over the stack's own function settings."""
+        overrides = {}
+        for pair in self.args.function_env or []:
+            name, sep, value = pair.partition("=")
+            if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+                raise StackError(f"--function-env expects NAME=VALUE, got {pair!r}")
+            overrides[name] = value
+        return overrides
 
     def command_env(self) -> dict[str, str]:
         return {**self.env, **self.stack_env, **self.gw_env}
@@ -779,6 +824,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         p.add_argument("--concurrency", type=int, default=0,
                        help="cargo lambda watch --concurrency (instances per function; default: watch's own, 1)")
         p.add_argument("--skip-build", action="store_true", help="do not run cargo build first")
+        p.add_argument("--function-env", action="append", metavar="NAME=VALUE",
+                       help="set or override one variable of the functions' environment, e.g. "
+                            "RUST_LOG=debug (repeatable; a PEM may use \\n for its newlines)")
 
     up = sub.add_parser("up", help="developer mode (foreground, Ctrl-C stops)")
     common(up, 9000, 8000, 8081)
@@ -789,6 +837,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     common(run, 0, 0, 0)
     run.add_argument("--state-dir", help="state directory (default: a new temporary one)")
     run.add_argument("--keep-state", action="store_true", help="keep the temporary state dir after success")
+    run.add_argument("--services-only", action="store_true",
+                     help="emulator, tables, mock LLM and credentials only, no cargo lambda watch "
+                          "(GW_FUNCTIONS_URL then serves nothing; the SAM local tests run the functions)")
     run.add_argument("command", nargs=argparse.REMAINDER, help="-- command and its arguments")
     args = parser.parse_args(argv)
     args.no_reload = getattr(args, "no_reload", True)

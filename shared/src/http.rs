@@ -187,7 +187,7 @@ where
             .map(|q| ApiQuery(q.0))
             .map_err(|rejection| {
                 let text = rejection.body_text();
-                let field = backticked(&text).unwrap_or_default();
+                let field = query_field(&text);
                 let msg = text
                     .rsplit(": ")
                     .next()
@@ -195,6 +195,26 @@ where
                     .to_owned();
                 ApiError::Validation(vec![FieldError::at("query", &field, "query", msg)])
             })
+    }
+}
+
+/// The parameter a query-string rejection is about. serde_urlencoded names a failing value as
+/// `<name>: <why>` (and quotes the offending text in backticks, which is not the name); an unknown
+/// or missing field is named in backticks.
+fn query_field(rejection: &str) -> String {
+    let detail = rejection
+        .split_once("query string: ")
+        .map_or(rejection, |(_, detail)| detail);
+    match detail.split_once(": ") {
+        Some((name, _))
+            if !name.is_empty()
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'.') =>
+        {
+            name.to_owned()
+        }
+        _ => backticked(detail).unwrap_or_default(),
     }
 }
 
@@ -302,6 +322,7 @@ pub trait Probe: Send + Sync {
 pub struct Probes(pub Arc<Vec<Arc<dyn Probe>>>);
 
 #[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct HealthQuery {
     /// Also check DynamoDB and the LLM provider.
     pub deep: Option<bool>,
@@ -315,18 +336,16 @@ pub struct HealthQuery {
     params(HealthQuery),
     responses(
         (status = 200, description = "The function (and, when deep, every dependency) is up", body = Health),
+        (status = 422, description = "`deep` is not `true` or `false`", body = ErrorEnvelope),
         (status = 503, description = "A deep check failed; `checks` names it", body = Health)
     )
 )]
 pub async fn health(
     Extension(info): Extension<FunctionInfo>,
     extensions: axum::http::Extensions,
-    axum::extract::RawQuery(query): axum::extract::RawQuery,
+    ApiQuery(query): ApiQuery<HealthQuery>,
 ) -> Response {
-    let deep = query.as_deref().is_some_and(|q| {
-        q.split('&')
-            .any(|pair| pair == "deep=true" || pair == "deep=1")
-    });
+    let deep = query.deep.unwrap_or(false);
     let mut checks = BTreeMap::new();
     if deep && let Some(probes) = extensions.get::<Probes>() {
         let results = futures::future::join_all(probes.0.iter().map(|p| async move {
@@ -416,6 +435,7 @@ pub struct CommonApi;
 /// document is rendered once at cold start, not per request.
 pub fn common_routes(mut doc: utoipa::openapi::OpenApi) -> Router {
     doc.merge(CommonApi::openapi());
+    document_shared_responses(&mut doc);
     let rendered = Bytes::from(doc.to_json().unwrap_or_else(|_| "{}".to_owned()));
     Router::new().route("/health", get(health)).route(
         "/openapi.json",
@@ -424,6 +444,62 @@ pub fn common_routes(mut doc: utoipa::openapi::OpenApi) -> Router {
             async move { ([(header::CONTENT_TYPE, "application/json")], body).into_response() }
         }),
     )
+}
+
+/// Adds the answers that the shared layers give on an operation, whatever its handler
+/// documents: [`ApiJson`] answers 400, 413, 415 and 422 on every operation with a body, and the
+/// [`crate::auth::Principal`] extractor 401 on every secured one. Clients and contract testers
+/// (schemathesis, in the reliability suite) then find every status they can get documented.
+fn document_shared_responses(doc: &mut utoipa::openapi::OpenApi) {
+    const BODY: [(&str, &str); 4] = [
+        ("400", "Malformed JSON or unknown field"),
+        ("413", "Body too large"),
+        ("415", "Content type is not JSON"),
+        ("422", "Validation failed; `details` names each field"),
+    ];
+    for item in doc.paths.paths.values_mut() {
+        let operations = [
+            &mut item.get,
+            &mut item.put,
+            &mut item.post,
+            &mut item.delete,
+            &mut item.patch,
+        ];
+        for operation in operations.into_iter().flatten() {
+            if operation.request_body.is_some() {
+                for (status, description) in BODY {
+                    ensure_error_response(operation, status, description);
+                }
+            }
+            if operation.security.is_some() {
+                ensure_error_response(operation, "401", "Missing or invalid credentials");
+            }
+        }
+    }
+}
+
+fn ensure_error_response(
+    operation: &mut utoipa::openapi::path::Operation,
+    status: &str,
+    description: &str,
+) {
+    use utoipa::openapi::{ContentBuilder, Ref, ResponseBuilder};
+    operation
+        .responses
+        .responses
+        .entry(status.to_owned())
+        .or_insert_with(|| {
+            ResponseBuilder::new()
+                .description(description)
+                .content(
+                    "application/json",
+                    ContentBuilder::new()
+                        .schema(Some(Ref::from_schema_name("ErrorEnvelope")))
+                        .build(),
+                )
+                .build()
+                .into()
+        });
 }
 
 #[cfg(test)]
@@ -536,6 +612,47 @@ mod tests {
         );
     }
 
+    #[test]
+    fn query_rejections_name_the_parameter_not_the_quoted_value() {
+        let prefix = "Failed to deserialize query string: ";
+        for (why, field) in [
+            ("deep: provided string was not `true` or `false`", "deep"),
+            ("limit: invalid digit found in string", "limit"),
+            ("unknown field `foo`, expected `limit` or `cursor`", "foo"),
+        ] {
+            assert_eq!(query_field(&format!("{prefix}{why}")), field, "{why}");
+        }
+    }
+
+    #[tokio::test]
+    async fn health_deep_must_be_a_boolean() {
+        for (query, status) in [
+            ("", 200),
+            ("?deep=false", 200),
+            ("?deep=true", 200),
+            ("?other=1", 200),
+        ] {
+            let (got, _, body) = call(
+                axum::http::Request::get(format!("/health{query}"))
+                    .body(Body::empty())
+                    .unwrap(),
+            )
+            .await;
+            assert_eq!(got, status, "{query}: {body}");
+        }
+        let (status, _, body) = call(
+            axum::http::Request::get("/health?deep=maybe")
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(status, 422, "{body}");
+        assert_eq!(
+            body["error"]["details"][0]["loc"],
+            serde_json::json!(["query", "deep"])
+        );
+    }
+
     #[tokio::test]
     async fn wrong_method_is_405_with_envelope() {
         let (status, _, body) = call(
@@ -615,6 +732,64 @@ mod tests {
             err,
             ApiError::BadRequest { .. } | ApiError::Validation(_)
         ));
+    }
+
+    #[test]
+    fn shared_layer_responses_are_documented_on_every_operation() {
+        use utoipa::openapi::path::{HttpMethod, OperationBuilder};
+        use utoipa::openapi::request_body::RequestBodyBuilder;
+        use utoipa::openapi::security::SecurityRequirement;
+        use utoipa::openapi::{PathsBuilder, ResponseBuilder};
+        let with_body = OperationBuilder::new()
+            .request_body(Some(RequestBodyBuilder::new().build()))
+            .security(SecurityRequirement::new("api_key", Vec::<String>::new()))
+            .response("200", ResponseBuilder::new().description("ok").build())
+            .response(
+                "413",
+                ResponseBuilder::new().description("own words").build(),
+            )
+            .build();
+        let plain = OperationBuilder::new()
+            .response("200", ResponseBuilder::new().description("ok").build())
+            .build();
+        let mut doc = utoipa::openapi::OpenApiBuilder::new()
+            .paths(
+                PathsBuilder::new()
+                    .path(
+                        "/in",
+                        utoipa::openapi::PathItem::new(HttpMethod::Post, with_body),
+                    )
+                    .path(
+                        "/out",
+                        utoipa::openapi::PathItem::new(HttpMethod::Get, plain),
+                    ),
+            )
+            .build();
+        document_shared_responses(&mut doc);
+        let json = serde_json::to_value(&doc).unwrap();
+        let documented = |path: &str, method: &str| -> Vec<String> {
+            json["paths"][path][method]["responses"]
+                .as_object()
+                .unwrap()
+                .keys()
+                .cloned()
+                .collect()
+        };
+        assert_eq!(
+            documented("/in", "post"),
+            ["200", "400", "401", "413", "415", "422"]
+        );
+        assert_eq!(documented("/out", "get"), ["200"]);
+        // What a handler documented itself is kept.
+        assert_eq!(
+            json["paths"]["/in"]["post"]["responses"]["413"]["description"],
+            "own words"
+        );
+        assert_eq!(
+            json["paths"]["/in"]["post"]["responses"]["415"]["content"]["application/json"]["schema"]
+                ["$ref"],
+            "#/components/schemas/ErrorEnvelope"
+        );
     }
 
     #[tokio::test]

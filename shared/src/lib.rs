@@ -14,6 +14,7 @@ pub mod dynamo;
 pub mod error;
 pub mod http;
 pub mod jobs;
+pub mod lambda;
 pub mod llm;
 pub mod openai_compat;
 pub mod ratelimit;

@@ -14,7 +14,11 @@
 //!   be picked out of the mock's log ([`Stack::upstream_requests_with`]) and no other test can
 //!   share its response-cache entries (the cache key does not include the caller).
 
+pub mod disturb;
+pub mod forge;
+pub mod load;
 pub mod sam;
+pub mod store;
 pub mod template;
 
 use std::collections::BTreeMap;

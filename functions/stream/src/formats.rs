@@ -23,6 +23,20 @@ fn json_event(value: &impl Serialize) -> Event {
     Event::default().data(serde_json::to_string(value).unwrap_or_default())
 }
 
+/// One Server-Sent Event as it goes over the wire, which is what the OpenAPI document describes
+/// for `text/event-stream` answers: `data` is the JSON text of a [`ChatStreamEvent`] (or, on
+/// `/v1/chat/completions`, of a `chat.completion.chunk`), and the last event's `data` is
+/// `[DONE]`. `: ping` comments may precede the first event. Nothing names an `event`, `id` or
+/// `retry`; they are listed because SSE allows them.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct SseEvent {
+    /// JSON text of one `ChatStreamEvent` or chunk, or `[DONE]`.
+    pub data: String,
+    pub event: Option<String>,
+    pub id: Option<String>,
+    pub retry: Option<u64>,
+}
+
 /// One event of `POST /chat/stream`, discriminated by `type`.
 #[derive(Debug, Serialize, ToSchema)]
 #[serde(tag = "type", rename_all = "lowercase")]

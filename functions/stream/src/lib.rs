@@ -13,7 +13,7 @@ use shared::http::{FunctionInfo, SecuritySchemes, common_routes, serve};
 use shared::services::Services;
 use utoipa::OpenApi;
 
-pub use formats::{ChatStreamEvent, replay_pieces};
+pub use formats::{ChatStreamEvent, SseEvent, replay_pieces};
 
 pub const FUNCTION_NAME: &str = "stream";
 
@@ -24,7 +24,7 @@ pub const FUNCTION_NAME: &str = "stream";
         description = "Token streaming over Server-Sent Events on a RESPONSE_STREAM function URL."
     ),
     paths(routes::chat_stream, routes::completions),
-    components(schemas(ChatStreamEvent)),
+    components(schemas(ChatStreamEvent, SseEvent)),
     modifiers(&SecuritySchemes)
 )]
 pub struct ApiDoc;

@@ -21,7 +21,7 @@ use shared::ratelimit::LimitStatus;
 use shared::services::Services;
 use tokio::sync::mpsc;
 
-use crate::formats::{ChatFormat, ChatStreamEvent, OpenAiFormat, replay_pieces};
+use crate::formats::{ChatFormat, ChatStreamEvent, OpenAiFormat, SseEvent, replay_pieces};
 use crate::pump::{self, Finish, Format, Upstream, done_event};
 
 /// Events buffered between the pump and the response body: small, so a slow client applies
@@ -144,8 +144,8 @@ impl Finish for CompletionFinish {
     request_body = ChatRequest,
     security(("api_key" = []), ("bearer" = [])),
     responses(
-        (status = 200, description = "`text/event-stream` of ChatStreamEvent, then `data: [DONE]`",
-         content_type = "text/event-stream", body = ChatStreamEvent),
+        (status = 200, description = "`text/event-stream`: each event's `data` is a ChatStreamEvent as JSON, the last one `[DONE]`",
+         content_type = "text/event-stream", body = SseEvent),
         (status = 400, description = "Malformed JSON or unknown field", body = ErrorEnvelope),
         (status = 401, description = "Missing or invalid credentials", body = ErrorEnvelope),
         (status = 404, description = "Unknown conversation (or not yours)", body = ErrorEnvelope),
@@ -249,8 +249,11 @@ pub async fn chat_stream(
     request_body = OpenAiChatRequest,
     security(("api_key" = []), ("bearer" = [])),
     responses(
-        (status = 200, description = "`text/event-stream` of chunks, or a `chat.completion` object",
-         body = OpenAiChatResponse),
+        (status = 200, description = "With `stream: true` a `text/event-stream` whose events' `data` are `chat.completion.chunk` objects, then `[DONE]`; otherwise a `chat.completion` object",
+         content(
+             (OpenAiChatResponse = "application/json"),
+             (SseEvent = "text/event-stream")
+         )),
         (status = 400, description = "Malformed JSON", body = ErrorEnvelope),
         (status = 401, description = "Missing or invalid credentials", body = ErrorEnvelope),
         (status = 422, description = "Validation failed", body = ErrorEnvelope),

@@ -12,8 +12,10 @@ use uuid::Uuid;
 
 #[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct ListParams {
     /// 1..=100, default 20.
+    #[param(minimum = 1, maximum = 100)]
     pub limit: Option<u32>,
     /// `next_cursor` of the previous page.
     pub cursor: Option<String>,
@@ -82,7 +84,7 @@ pub async fn list(
 
 /// One of your conversations with all its messages and counters.
 #[utoipa::path(get, path = "/conversations/{id}", tag = "conversations",
-    params(("id" = String, Path, description = "Conversation UUID")),
+    params(("id" = Uuid, Path, description = "Conversation UUID")),
     security(("api_key" = []), ("bearer" = [])),
     responses(
         (status = 200, description = "The conversation", body = ConversationDetail),
@@ -107,7 +109,7 @@ pub async fn get_one(
 
 /// Deletes one of your conversations and all its messages.
 #[utoipa::path(delete, path = "/conversations/{id}", tag = "conversations",
-    params(("id" = String, Path, description = "Conversation UUID")),
+    params(("id" = Uuid, Path, description = "Conversation UUID")),
     security(("api_key" = []), ("bearer" = [])),
     responses(
         (status = 204, description = "Deleted"),
