@@ -819,7 +819,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         p.add_argument("--mock-port", type=int, default=mock_port,
                        help=f"mock LLM port (default {mock_port or 'free'})")
         p.add_argument("--table-prefix", default="local", help="local table name prefix (default local)")
-        p.add_argument("--ready-timeout", type=float, default=120.0,
+        p.add_argument("--ready-timeout", type=float, default=300.0,
                        help="seconds to wait for each function's /health (first request compiles; default 120)")
         p.add_argument("--concurrency", type=int, default=0,
                        help="cargo lambda watch --concurrency (instances per function; default: watch's own, 1)")
