@@ -10,11 +10,12 @@ PYTHON := $(VENV)/bin/python
 export PATH := $(VENV)/bin:$(PATH)
 export SAM_CLI_TELEMETRY := 0
 
-.PHONY: help bootstrap dev test lint bench sam-test sam-build sam-up sam-down reliability supply-chain
+.PHONY: help bootstrap dev test test-extended lint bench sam-test sam-build sam-up sam-down reliability supply-chain
 
 help:
 	@echo "make dev        start the local stack (DynamoDB emulator, mock LLM, cargo lambda watch)"
-	@echo "make test       lint, the whole test suite against a fresh local stack, then sam-test"
+	@echo "make test       lint, supply chain, the whole test suite against a fresh local stack"
+	@echo "make test-extended  make test, then sam-test and reliability"
 	@echo "make sam-test   Docker engine + base image, sam build (x86_64), the SAM local tests"
 	@echo "make sam-up     start the Docker engine for sam local by hand (sam-down stops it)"
 	@echo "make lint       rustfmt, clippy, SAM template validation and lint"
@@ -42,6 +43,10 @@ SAM_TESTS := binary_id(integration-tests::sam_local)
 
 test: lint supply-chain
 	$(PYTHON) infra/devstack.py run -- cargo nextest run --workspace --no-fail-fast -E 'not $(SAM_TESTS)'
+
+# Not yet part of `make test`: both work when run by hand but were not validated within CI's
+# time budget on a clean machine in the session that added them (see the open issues).
+test-extended: test
 	$(MAKE) --no-print-directory sam-test
 	$(MAKE) --no-print-directory reliability
 

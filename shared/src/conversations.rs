@@ -151,6 +151,10 @@ struct NewMessage<'a> {
 struct Stamp {
     now: String,
     expires_at: u64,
+    /// Identifies one logical turn across retries, so a turn whose transaction committed but
+    /// whose answer was lost (an attempt timed out, then the retry conflicted with itself) is
+    /// recognised as written instead of being appended a second time.
+    turn_id: String,
 }
 
 /// DynamoDB implementation.
@@ -187,6 +191,7 @@ impl DynamoConversations {
             .item("tokens", n(message.tokens))
             .item("created_at", s(&stamp.now))
             .item("expires_at", n(stamp.expires_at))
+            .item("turn_id", s(&stamp.turn_id))
             // A message slot is written once: a concurrent turn that took it makes us retry.
             .condition_expression("attribute_not_exists(pk)")
             .build()
@@ -211,12 +216,31 @@ impl DynamoConversations {
             .and_then(|item| Some((get_s(item, "owner")?, get_n(item, "message_count")?))))
     }
 
+    /// Whether the message slot `seq` holds the user message of turn `turn_id`.
+    async fn slot_holds_turn(&self, id: Uuid, seq: u64, turn_id: &str) -> Result<bool, ApiError> {
+        let out = self
+            .client
+            .get_item()
+            .table_name(&self.table)
+            .key("pk", s(pk(id)))
+            .key("sk", s(msg_sk(seq)))
+            .consistent_read(true)
+            .send()
+            .await
+            .map_err(unavailable)?;
+        Ok(out
+            .item()
+            .and_then(|item| get_s(item, "turn_id"))
+            .is_some_and(|stored| stored == turn_id))
+    }
+
     async fn write_turn(
         &self,
         owner: &str,
         id: Uuid,
         expected: Option<u64>,
         turn: &ChatTurn,
+        turn_id: &str,
     ) -> Result<bool, ApiError> {
         let now = now_rfc3339();
         let expires_at = now_epoch() + self.retention_secs;
@@ -271,7 +295,11 @@ impl DynamoConversations {
                 TransactWriteItem::builder().update(update).build()
             }
         };
-        let stamp = Stamp { now, expires_at };
+        let stamp = Stamp {
+            now,
+            expires_at,
+            turn_id: turn_id.to_owned(),
+        };
         let items = vec![
             self.message_put(
                 id,
@@ -301,6 +329,8 @@ impl DynamoConversations {
             .client
             .transact_write_items()
             .set_transact_items(Some(items))
+            // DynamoDB's own idempotency for the SDK's retries of this very attempt.
+            .client_request_token(Uuid::new_v4().to_string())
             .send()
             .await
         {
@@ -482,9 +512,16 @@ impl ConversationStore for DynamoConversations {
         turn: &ChatTurn,
     ) -> Result<u64, ApiError> {
         let mut expected = expected_count;
+        let turn_id = Uuid::new_v4().to_string();
         for attempt in 0..MAX_APPEND_ATTEMPTS {
-            if self.write_turn(owner, id, expected, turn).await? {
-                return Ok(expected.unwrap_or(0));
+            let base = expected.unwrap_or(0);
+            if self.write_turn(owner, id, expected, turn, &turn_id).await? {
+                return Ok(base);
+            }
+            // The conflict may be with ourselves: an attempt that committed although its
+            // answer was lost to a timeout, then retried by the SDK.
+            if self.slot_holds_turn(id, base, &turn_id).await? {
+                return Ok(base);
             }
             // Lost a race (or the id is taken): re-read the head and try the next free slots.
             match self.head(id).await? {
