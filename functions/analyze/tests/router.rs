@@ -561,3 +561,46 @@ async fn auto_mode_stops_asking_the_llm_in_time_for_the_fallback() {
     assert_eq!(status, 200, "{out}");
     assert_eq!(out["results"]["sentiment"]["method"], "llm");
 }
+
+/// Collects what the handler logs on the test's thread.
+#[derive(Clone, Default)]
+struct LogBuffer(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogBuffer {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn the_analysed_text_never_reaches_the_logs() {
+    let h = harness().await;
+    let secret = "Zanzibar-7731 quarterly merger memo";
+    let buffer = LogBuffer::default();
+    let writer = buffer.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .with_writer(move || writer.clone())
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+    h.script(vec![
+        reply(&format!("I would say: {secret}")),
+        reply("still prose"),
+        Scripted::Fail(ApiError::UpstreamFailed {
+            detail: "upstream said no".into(),
+        }),
+    ]);
+    let (status, _, out) = h
+        .analyze(json!({"content": secret, "mode": "llm", "tasks": ["sentiment", "summary"]}))
+        .await;
+    assert_eq!(status, 502, "{out}");
+    let logs = String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap();
+    assert!(logs.contains("analysis"), "the analysis is logged: {logs}");
+    assert!(logs.contains("LLM reply rejected"), "{logs}");
+    assert!(!logs.contains("Zanzibar"), "{logs}");
+}
