@@ -90,6 +90,7 @@ pub async fn submit(
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct ResultsPage {
     /// Results per page, 1..=1000 (default 100).
