@@ -22,7 +22,7 @@ help:
 	@echo "make reliability  load with faults, DynamoDB outage, key timing, debug-log and RS256 audits"
 	@echo "make supply-chain cargo deny: licences, bans, sources (advisories when the database is reachable)"
 	@echo "make bootstrap  install the pinned tools into .venv"
-	@echo "make bench      Rust functions vs the FastAPI reference (release builds, ~30-45 min); see BENCHMARKS.md"
+	@echo "make bench      Rust functions vs the FastAPI reference (release builds + zips + ~20 min of measurement); see BENCHMARKS.md"
 
 bootstrap:
 	infra/bootstrap.sh

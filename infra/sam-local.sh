@@ -84,14 +84,18 @@ install_packages() {
 # ---------------------------------------------------------------------------------------------
 # The engine
 
+# The engine's pid: from its pidfile, or (before it wrote one) the one this script launched.
+# Only a dockerd running with our data root counts, so a recycled pid is never taken for it.
 engine_pid() {
   local pid
-  [[ -f $PIDFILE ]] || return 1
-  pid="$(cat "$PIDFILE" 2>/dev/null)" || return 1
-  [[ $pid =~ ^[0-9]+$ ]] || return 1
-  # Only a dockerd started with our data root counts (a recycled pid is not ours).
-  tr '\0' ' ' < "/proc/$pid/cmdline" 2>/dev/null | grep -q -- "--data-root $DATA" || return 1
-  echo "$pid"
+  for pid in "$(cat "$PIDFILE" 2>/dev/null || true)" "${DOCKERD_PID:-}"; do
+    [[ $pid =~ ^[0-9]+$ ]] || continue
+    if tr '\0' ' ' < "/proc/$pid/cmdline" 2>/dev/null | grep -q -- "--data-root $DATA"; then
+      echo "$pid"
+      return 0
+    fi
+  done
+  return 1
 }
 
 engine_ready() { docker version --format '{{.Server.Version}}' >/dev/null 2>&1; }
@@ -108,17 +112,18 @@ start_engine() {
   mkdir -p "$DATA" "$EXEC"
   rm -f "$SOCK" "$PIDFILE"
   say "starting dockerd (state in $STATE)"
-  # setsid: the engine outlives neither `down` nor our EXIT trap, but must not get our Ctrl-C
-  # before the trap has stopped the containers it runs.
+  # setsid: a Ctrl-C reaches this script, whose trap removes the containers and then stops the
+  # engine; the engine itself must not get it first.
   STARTED_ENGINE=1
   setsid dockerd \
     --data-root "$DATA" --exec-root "$EXEC" --pidfile "$PIDFILE" -H "unix://$SOCK" \
     --bridge=none --iptables=false --ip6tables=false --ip-masq=false --ip-forward=false \
     >"$STATE/dockerd.log" 2>&1 </dev/null &
+  DOCKERD_PID=$!
   local i
   for i in $(seq 1 120); do
     engine_ready && { say "engine ready (pid $(engine_pid || echo '?'))"; return 0; }
-    if ! kill -0 $! 2>/dev/null; then
+    if ! kill -0 "$DOCKERD_PID" 2>/dev/null; then
       tail -20 "$STATE/dockerd.log" >&2
       die "dockerd exited during start-up (log: $STATE/dockerd.log)"
     fi

@@ -85,7 +85,7 @@ pub struct PausedEmulator {
 impl PausedEmulator {
     /// Stops the stack's emulator (`GW_DYNAMODB_PID`), after checking that the pid really is the
     /// emulator of this stack, not a recycled pid.
-    pub fn pause() -> Result<Self> {
+    pub async fn pause() -> Result<Self> {
         let pid = pid_var("GW_DYNAMODB_PID")?;
         let endpoint = stack_var("AWS_ENDPOINT_URL_DYNAMODB")?;
         let port = endpoint.rsplit(':').next().unwrap_or_default().to_owned();
@@ -98,10 +98,20 @@ impl PausedEmulator {
             )));
         }
         send_signal(pid, "STOP")?;
-        Ok(Self {
+        let paused = Self {
             pid,
             resumed: false,
-        })
+        };
+        // The signal is delivered asynchronously: wait until the kernel reports the stop.
+        for _ in 0..100 {
+            if paused.is_stopped() {
+                return Ok(paused);
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        Err(HarnessError::Unexpected(format!(
+            "the emulator (pid {pid}) did not stop within 1 s of SIGSTOP"
+        )))
     }
 
     /// Whether the kernel reports the emulator as stopped (`T`).
@@ -180,9 +190,21 @@ pub fn log_files() -> Result<Vec<PathBuf>> {
 
 /// The functions' log (`watch.log`): what they printed, as `cargo lambda watch` relays it.
 pub fn function_log() -> Result<String> {
+    function_log_since(0)
+}
+
+/// How many bytes the functions' log holds now: pass it to [`function_log_since`] later to read
+/// only what was written in between.
+pub fn function_log_len() -> Result<usize> {
+    let path = PathBuf::from(stack_var("GW_LOG_DIR")?).join("watch.log");
+    Ok(usize::try_from(std::fs::metadata(path)?.len()).unwrap_or(usize::MAX))
+}
+
+/// The functions' log from byte `offset` on.
+pub fn function_log_since(offset: usize) -> Result<String> {
     let path = PathBuf::from(stack_var("GW_LOG_DIR")?).join("watch.log");
     let bytes = std::fs::read(&path)?;
-    Ok(String::from_utf8_lossy(&bytes).into_owned())
+    Ok(String::from_utf8_lossy(bytes.get(offset..).unwrap_or_default()).into_owned())
 }
 
 /// Lines of the functions' log that show a panic or a crashed function process.

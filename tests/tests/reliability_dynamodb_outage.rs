@@ -12,7 +12,8 @@
 use std::time::{Duration, Instant};
 
 use integration_tests::disturb::{
-    PausedEmulator, crash_lines, function_log, function_processes, require_dedicated_stack,
+    PausedEmulator, crash_lines, function_log_len, function_log_since, function_processes,
+    require_dedicated_stack,
 };
 use integration_tests::store;
 use integration_tests::{Caller, Reply, Stack, unique};
@@ -122,9 +123,9 @@ async fn dynamodb_paused_mid_run_is_a_prompt_503_and_service_resumes_without_res
             .all(|f| processes_before.contains_key(*f)),
         "chat and stream processes must be running before the outage: {processes_before:?}"
     );
-    let log_before = function_log().unwrap().len();
+    let log_before = function_log_len().unwrap();
 
-    let paused = PausedEmulator::pause().unwrap();
+    let paused = PausedEmulator::pause().await.unwrap();
     assert!(paused.is_stopped(), "the emulator did not stop");
     let probes = vec![
         Probe {
@@ -319,8 +320,7 @@ async fn dynamodb_paused_mid_run_is_a_prompt_503_and_service_resumes_without_res
             );
         }
     }
-    let log = function_log().unwrap();
-    let crashes = crash_lines(log.get(log_before..).unwrap_or_default());
+    let crashes = crash_lines(&function_log_since(log_before).unwrap());
     assert!(crashes.is_empty(), "{crashes:#?}");
 
     // Whatever the outage did to writes in flight, the conversation is consistent.

@@ -19,7 +19,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use integration_tests::disturb::{
-    crash_lines, function_log, function_processes, require_dedicated_stack,
+    crash_lines, function_log_len, function_log_since, function_processes, require_dedicated_stack,
 };
 use integration_tests::load::{Audience, Fault, LoadPlan, MOCK_ANSWER_TOKENS, Outcome};
 use integration_tests::store::{self, rate_limit_counters};
@@ -175,7 +175,7 @@ async fn load_with_upstream_faults_keeps_every_invariant() {
         ),
     ]);
     let stats_before = stack.mock_stats().await.unwrap();
-    let log_before = function_log().unwrap().len();
+    let log_before = function_log_len().unwrap();
 
     // -- the load -----------------------------------------------------------------------------
     let plan = LoadPlan {
@@ -290,8 +290,7 @@ async fn load_with_upstream_faults_keeps_every_invariant() {
             }
         }
     }
-    let log = function_log().unwrap();
-    for line in crash_lines(log.get(log_before..).unwrap_or_default()) {
+    for line in crash_lines(&function_log_since(log_before).unwrap()) {
         violations.push(format!("function log: {line}"));
     }
     for function in ["chat", "stream"] {

@@ -124,7 +124,9 @@ async fn chat_turn_under_sam_local_invoke_is_stored_in_the_emulator() {
     let user = unique("sam-user-");
     let marker = unique("samchat");
     let message = format!("hello from sam local {marker}");
-    // The JWT secret exists only as an SSM parameter: a 200 proves the cold start read it.
+    // Both secrets exist only as SSM parameters, so a 200 proves the cold start read them: the
+    // JWT is verified with the one, and without the other LLM routes answer 503 (and the mock
+    // LLM refuses requests that carry no key).
     let token = sam.jwt(&user, "pro").unwrap();
     let event = with_json_body(
         with_header(
