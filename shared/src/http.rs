@@ -23,6 +23,15 @@ use crate::telemetry::{MetricEvent, Unit};
 
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
 pub const PROCESS_TIME_HEADER: &str = "x-process-time-ms";
+pub const CACHE_HEADER: &str = "x-cache";
+
+/// `X-Cache: HIT|MISS`, on every response that could have come from the response cache.
+pub fn set_cache_header(headers: &mut HeaderMap, hit: bool) {
+    headers.insert(
+        CACHE_HEADER,
+        HeaderValue::from_static(if hit { "HIT" } else { "MISS" }),
+    );
+}
 
 /// Static facts about the function serving a request.
 #[derive(Debug, Clone, Copy)]

@@ -241,6 +241,27 @@ impl OpenAiChatResponse {
         }
     }
 
+    /// The non-streaming answer of `/v1/chat/completions` (chat and stream functions alike):
+    /// the `chat.completion` object with the rate-limit and cache headers.
+    pub fn into_response(
+        answer: crate::chat::Answer,
+        limit: crate::ratelimit::LimitStatus,
+    ) -> axum::response::Response {
+        use axum::response::IntoResponse;
+        let hit = answer.cached;
+        let body = Self::new(
+            answer.model,
+            answer.content,
+            answer.finish_reason,
+            answer.usage,
+            answer.cost_usd,
+        );
+        let mut response = axum::Json(body).into_response();
+        limit.apply(response.headers_mut());
+        crate::http::set_cache_header(response.headers_mut(), hit);
+        response
+    }
+
     pub fn from_completion(completion: Completion) -> Self {
         Self::new(
             completion.model,

@@ -1,6 +1,6 @@
 use axum::Json;
 use axum::extract::State;
-use axum::http::{Extensions, HeaderMap, HeaderValue};
+use axum::http::{Extensions, HeaderMap};
 use axum::response::{IntoResponse, Response};
 use shared::auth::Principal;
 use shared::cache::bypass_requested;
@@ -59,9 +59,6 @@ pub async fn analyze(
     let hit = body.cached;
     let mut response = Json(body).into_response();
     limit.apply(response.headers_mut());
-    response.headers_mut().insert(
-        "x-cache",
-        HeaderValue::from_static(if hit { "HIT" } else { "MISS" }),
-    );
+    shared::http::set_cache_header(response.headers_mut(), hit);
     Ok(response)
 }

@@ -4,7 +4,6 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::Json;
 use axum::extract::State;
 use axum::http::{Extensions, HeaderMap, HeaderValue};
 use axum::response::sse::{Event, Sse};
@@ -14,7 +13,7 @@ use shared::auth::Principal;
 use shared::cache::bypass_requested;
 use shared::chat::{Admission, ChatRequest, ChatService, Gate, PendingTurn, TurnStart};
 use shared::error::{ApiError, ErrorEnvelope};
-use shared::http::{ApiJson, current_request_id, deadline};
+use shared::http::{ApiJson, current_request_id, deadline, set_cache_header};
 use shared::llm::{Completion, CompletionRequest, LlmClient};
 use shared::openai_compat::{OpenAiChatRequest, OpenAiChatResponse, completion_id};
 use shared::ratelimit::LimitStatus;
@@ -54,10 +53,7 @@ fn sse_response(
     let headers = response.headers_mut();
     // Tells nginx-style proxies not to buffer the stream.
     headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
-    headers.insert(
-        "x-cache",
-        HeaderValue::from_static(if cache_hit { "HIT" } else { "MISS" }),
-    );
+    set_cache_header(headers, cache_hit);
     limit.apply(headers);
     response
 }
@@ -279,21 +275,7 @@ pub async fn completions(
             .chat
             .complete(&principal, &request, use_cache, deadline(&extensions))
             .await?;
-        let hit = answer.cached;
-        let body = OpenAiChatResponse::new(
-            answer.model,
-            answer.content,
-            answer.finish_reason,
-            answer.usage,
-            answer.cost_usd,
-        );
-        let mut response = Json(body).into_response();
-        limit.apply(response.headers_mut());
-        response.headers_mut().insert(
-            "x-cache",
-            HeaderValue::from_static(if hit { "HIT" } else { "MISS" }),
-        );
-        return Ok(response);
+        return Ok(OpenAiChatResponse::into_response(answer, limit));
     }
     let format = OpenAiFormat {
         id: completion_id(),

@@ -55,6 +55,6 @@ pub async fn chat(
     let hit = answer.cached;
     let mut response = Json(answer).into_response();
     limit.apply(response.headers_mut());
-    super::cache_header(response.headers_mut(), hit);
+    shared::http::set_cache_header(response.headers_mut(), hit);
     Ok(response)
 }

@@ -1,7 +1,6 @@
-use axum::Json;
 use axum::extract::State;
 use axum::http::{Extensions, HeaderMap};
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use shared::auth::Principal;
 use shared::cache::bypass_requested;
 use shared::error::{ApiError, ErrorEnvelope};
@@ -60,16 +59,5 @@ pub async fn completions(
             deadline(&extensions),
         )
         .await?;
-    let hit = answer.cached;
-    let body = OpenAiChatResponse::new(
-        answer.model,
-        answer.content,
-        answer.finish_reason,
-        answer.usage,
-        answer.cost_usd,
-    );
-    let mut response = Json(body).into_response();
-    limit.apply(response.headers_mut());
-    super::cache_header(response.headers_mut(), hit);
-    Ok(response)
+    Ok(OpenAiChatResponse::into_response(answer, limit))
 }
