@@ -17,6 +17,8 @@ use crate::error::ApiError;
 /// Timeouts are tight because every call sits on a request's hot path: a DynamoDB that does not
 /// answer must become a prompt 503, not a Lambda timeout. The SDK's standard retry (3 attempts,
 /// jittered) absorbs throttling before we map the error.
+///
+/// Its HTTPS client trusts the process's roots ([`crate::tls`]), loaded once for every client.
 pub async fn client() -> Client {
     let config = aws_config::defaults(BehaviorVersion::latest())
         .timeout_config(
@@ -27,6 +29,7 @@ pub async fn client() -> Client {
                 .build(),
         )
         .retry_config(RetryConfig::standard().with_max_attempts(3))
+        .http_client(crate::tls::aws_http_client())
         .load()
         .await;
     Client::new(&config)

@@ -21,6 +21,7 @@ pub mod ratelimit;
 pub mod secrets;
 pub mod services;
 pub mod telemetry;
+pub mod tls;
 pub mod tokens;
 
 pub use config::Config;

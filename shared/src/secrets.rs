@@ -133,6 +133,7 @@ pub async fn client() -> aws_sdk_ssm::Client {
                 .build(),
         )
         .retry_config(RetryConfig::standard().with_max_attempts(3))
+        .http_client(crate::tls::aws_http_client())
         .load()
         .await;
     aws_sdk_ssm::Client::new(&config)

@@ -27,6 +27,8 @@ pub enum StartupError {
     Jwt(#[from] InvalidJwtKey),
     #[error("secrets: {0}")]
     Secrets(#[from] crate::secrets::SecretsError),
+    #[error("TLS: {0}")]
+    TrustRoots(#[from] crate::tls::NoTrustRoots),
 }
 
 /// The application state shared by every handler (cheap to clone: all `Arc`s).
@@ -51,11 +53,14 @@ impl Services {
     /// the secrets given by SSM reference fetched first ([`crate::secrets`]), and builds the
     /// production wiring.
     pub async fn from_env() -> Result<Self, StartupError> {
+        // A bad SSL_CERT_FILE stops the cold start here, before any client is built on it.
+        crate::tls::roots()?;
         Self::from_config(crate::secrets::load_config().await?).await
     }
 
     /// The production wiring: DynamoDB stores and the OpenAI-compatible client.
     pub async fn from_config(config: Config) -> Result<Self, StartupError> {
+        crate::tls::roots()?;
         let client = crate::dynamo::client().await;
         let tables = &config.tables;
         let llm: Arc<dyn LlmClient> = Arc::new(OpenAiClient::from_config(&config)?);

@@ -51,6 +51,8 @@ pub enum ClientInitError {
     InvalidApiKey,
     #[error("cannot build the HTTP client: {0}")]
     HttpClient(#[source] reqwest::Error),
+    #[error(transparent)]
+    TrustRoots(#[from] crate::tls::NoTrustRoots),
 }
 
 /// The OpenAI-compatible [`LlmClient`]. Build it once per cold start and share it.
@@ -316,7 +318,12 @@ fn upstream_client(base_url: &str, key: &Secret) -> Result<Client<OpenAIConfig>,
     if http::HeaderValue::from_str(&format!("Bearer {}", key.expose())).is_err() {
         return Err(ClientInitError::InvalidApiKey);
     }
+    // The process's trust roots (crate::tls), not reqwest's own load of the system store.
+    let roots = crate::tls::roots()?
+        .reqwest_certificates()
+        .map_err(ClientInitError::HttpClient)?;
     let http = reqwest::Client::builder()
+        .tls_certs_only(roots)
         .build()
         .map_err(ClientInitError::HttpClient)?;
     // Organisation and project come from our typed Config only (it has none): async-openai
