@@ -10,12 +10,12 @@ PYTHON := $(VENV)/bin/python
 export PATH := $(VENV)/bin:$(PATH)
 export SAM_CLI_TELEMETRY := 0
 
-.PHONY: help bootstrap dev test test-extended lint bench sam-test sam-build sam-up sam-down reliability supply-chain
+.PHONY: help bootstrap dev test test-main lint bench sam-test sam-build sam-up sam-down reliability supply-chain
 
 help:
 	@echo "make dev        start the local stack (DynamoDB emulator, mock LLM, cargo lambda watch)"
-	@echo "make test       lint, supply chain, the whole test suite against a fresh local stack"
-	@echo "make test-extended  make test, then sam-test and reliability"
+	@echo "make test       everything below but bench: lint, supply-chain, test-main, reliability, sam-test"
+	@echo "make test-main  the unit, contract and end-to-end tests against a fresh local stack"
 	@echo "make sam-test   Docker engine + base image, sam build (x86_64), the SAM local tests"
 	@echo "make sam-up     start the Docker engine for sam local by hand (sam-down stops it)"
 	@echo "make lint       rustfmt, clippy, SAM template validation and lint"
@@ -36,19 +36,27 @@ lint: bootstrap
 	sam validate --lint
 	$(PYTHON) -m py_compile infra/dynamo_emulator.py infra/tables.py infra/devstack.py \
 		tests/bench/bench.py tests/bench/reference/app.py infra/sam_host_network.py
-	bash -n infra/sam-local.sh
+	bash -n infra/sam-local.sh infra/advisories.sh
+
+# The whole suite, what `.ci/run` runs: lint and supply chain first (fast failures), then three
+# stacks one after the other: the main run on the shared test stack, the reliability and audit
+# suites on fresh stacks of their own, the SAM local tests in a Docker engine of their own.
+# All three run even when an earlier one failed; the recipe fails if any did.
+test: lint supply-chain
+	@failed=""; \
+	for part in test-main reliability sam-test; do \
+		start=$$SECONDS; \
+		$(MAKE) --no-print-directory $$part || failed="$$failed $$part"; \
+		echo "make test: $$part took $$((SECONDS - start)) s"; \
+	done; \
+	if [ -n "$$failed" ]; then echo "make test: FAILED:$$failed"; exit 1; fi; \
+	echo "make test: all parts passed"
 
 # The SAM local tests need Docker and `sam build`: they run in sam-test, after the main suite.
 SAM_TESTS := binary_id(integration-tests::sam_local)
 
-test: lint supply-chain
+test-main: bootstrap
 	$(PYTHON) infra/devstack.py run -- cargo nextest run --workspace --no-fail-fast -E 'not $(SAM_TESTS)'
-
-# Not yet part of `make test`: both work when run by hand but were not validated within CI's
-# time budget on a clean machine in the session that added them (see the open issues).
-test-extended: test
-	$(MAKE) --no-print-directory sam-test
-	$(MAKE) --no-print-directory reliability
 
 # Suites that disturb the stack they run against, each on a fresh stack of its own and never
 # beside the main run (RELIABILITY.md): load with faults, DynamoDB paused, key timing; then
@@ -62,12 +70,11 @@ reliability: bootstrap
 		--function-env JWT_ISSUER=https://issuer.audit.test --function-env JWT_AUDIENCE=gateway-audit \
 		-- cargo nextest run -p integration-tests --profile audit
 
-# cargo-deny with deny.toml. RustSec's advisory database is fetched from GitHub; where that is
-# unreachable the advisories check is skipped with a notice and the offline checks still run.
+# cargo-deny with deny.toml: licences, bans and sources offline from Cargo.lock, then RustSec's
+# advisories where a database can be had (infra/advisories.sh says which, or that none could).
 supply-chain: bootstrap
 	cargo deny check licenses bans sources
-	@if timeout 60 cargo deny fetch db >/dev/null 2>&1; then cargo deny check --disable-fetch advisories; \
-	else echo "supply-chain: advisories NOT checked: the RustSec advisory database cannot be fetched here"; fi
+	infra/advisories.sh
 
 # Installs docker.io and debootstrap when missing, starts a Docker engine of its own, builds the
 # Lambda base image once, runs `sam build` (x86_64) and the SAM local tests, stops the engine.
