@@ -11,12 +11,12 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use aws_sdk_dynamodb::Client;
-use aws_sdk_dynamodb::types::AttributeValue;
+use aws_sdk_dynamodb::types::{AttributeValue, Put, TransactWriteItem};
 use axum::http::HeaderMap;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
-use crate::dynamo::{now_epoch, now_rfc3339, unavailable};
+use crate::dynamo::{BundledWrite, now_epoch, now_rfc3339, unavailable};
 use crate::error::ApiError;
 
 /// A cache key: hex SHA-256 of the canonical JSON of the request's cache-relevant fields.
@@ -70,10 +70,20 @@ pub fn bypass_requested(headers: &HeaderMap) -> bool {
 ///
 /// Contract: `get` returns an entry only if one was `put` under the key and its expiry is
 /// still in the future; `put` overwrites. "Not found" and "expired" are both `Ok(None)`.
+/// `bundled_put` is `put` as a write another store's transaction can carry (see
+/// [`BundledWrite`]); a store that has no such form returns `None` and the caller calls `put`.
 #[async_trait]
 pub trait ResponseCache: Send + Sync {
     async fn get(&self, key: &CacheKey) -> Result<Option<CachedResponse>, ApiError>;
     async fn put(&self, key: &CacheKey, payload: String, ttl: Duration) -> Result<(), ApiError>;
+    fn bundled_put(
+        &self,
+        _key: &CacheKey,
+        _payload: String,
+        _ttl: Duration,
+    ) -> Option<BundledWrite> {
+        None
+    }
 }
 
 pub struct DynamoCache {
@@ -124,18 +134,36 @@ impl ResponseCache for DynamoCache {
         self.client
             .put_item()
             .table_name(&self.table)
-            .item("pk", AttributeValue::S(key.0.clone()))
-            .item("payload", AttributeValue::S(payload))
-            .item("created_at", AttributeValue::S(now_rfc3339()))
-            .item(
-                "expires_at",
-                AttributeValue::N((now_epoch() + ttl.as_secs().max(1)).to_string()),
-            )
+            .set_item(Some(entry_item(key, payload, ttl)))
             .send()
             .await
             .map_err(unavailable)?;
         Ok(())
     }
+
+    /// The same item as `put`, unconditional, for a chat turn's transaction to carry.
+    fn bundled_put(&self, key: &CacheKey, payload: String, ttl: Duration) -> Option<BundledWrite> {
+        let put = Put::builder()
+            .table_name(&self.table)
+            .set_item(Some(entry_item(key, payload, ttl)))
+            .build()
+            .ok()?;
+        Some(BundledWrite::new(
+            TransactWriteItem::builder().put(put).build(),
+        ))
+    }
+}
+
+fn entry_item(key: &CacheKey, payload: String, ttl: Duration) -> HashMap<String, AttributeValue> {
+    HashMap::from([
+        ("pk".to_owned(), AttributeValue::S(key.0.clone())),
+        ("payload".to_owned(), AttributeValue::S(payload)),
+        ("created_at".to_owned(), AttributeValue::S(now_rfc3339())),
+        (
+            "expires_at".to_owned(),
+            AttributeValue::N((now_epoch() + ttl.as_secs().max(1)).to_string()),
+        ),
+    ])
 }
 
 #[derive(Default)]

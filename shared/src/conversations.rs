@@ -4,12 +4,24 @@
 //! counters, sk `MSG#<seq, 10 digits>` one message each (also carrying `owner`, so the hot-path
 //! history query proves ownership without a second read). Sequence numbers start at 0 and are
 //! contiguous, so the newest message's seq + 1 is the conversation's `message_count`.
+//!
+//! A turn's transaction can also carry one unrelated, best-effort write (the response cache's
+//! fill, [`BundledWrite`]) to save its round trip. It is never allowed to cost the turn: when
+//! DynamoDB refuses the transaction because of that item (its cancellation reason is not
+//! `None`: a conflict with a concurrent write of the same cache entry, throttling of its
+//! partition) or refuses the request as a whole (a validation error, a missing table, a denied
+//! permission), the turn is written again at once without it, and the caller learns that it was
+//! not carried. The token settlement is deliberately *not* carried: it updates the principal's
+//! rate-limit item, which every admission of that principal writes, and a transaction holding it
+//! would fail those admissions with `TransactionConflict` and conflict with the principal's
+//! other turns (see `ChatService::finish_turn`).
 
 use std::collections::HashMap;
 use std::sync::Mutex;
 
 use async_trait::async_trait;
 use aws_sdk_dynamodb::Client;
+use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
 use aws_sdk_dynamodb::types::{
     AttributeValue, DeleteRequest, Put, TransactWriteItem, Update, WriteRequest,
 };
@@ -19,7 +31,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use crate::dynamo::{now_epoch, now_rfc3339, unavailable};
+use crate::dynamo::{BundledWrite, now_epoch, now_rfc3339, unavailable};
 use crate::error::ApiError;
 
 /// Counters and metadata of one conversation.
@@ -106,6 +118,22 @@ pub trait ConversationStore: Send + Sync {
         expected_count: Option<u64>,
         turn: &ChatTurn,
     ) -> Result<u64, ApiError>;
+    /// `append_turn`, carrying `bundled` in the turn's own write when the store can. Returns the
+    /// user message's sequence number and whether `bundled` was committed with the turn.
+    /// `bundled` never makes the append fail: a write that cannot commit with it commits
+    /// without it (`false`). The default carries nothing.
+    async fn append_turn_carrying(
+        &self,
+        owner: &str,
+        id: Uuid,
+        expected_count: Option<u64>,
+        turn: &ChatTurn,
+        bundled: Option<BundledWrite>,
+    ) -> Result<(u64, bool), ApiError> {
+        drop(bundled);
+        let seq = self.append_turn(owner, id, expected_count, turn).await?;
+        Ok((seq, false))
+    }
     async fn get(
         &self,
         owner: &str,
@@ -145,6 +173,15 @@ struct NewMessage<'a> {
     role: &'a str,
     content: &'a str,
     tokens: u64,
+}
+
+/// What one transaction attempt of a turn came to.
+enum Attempt {
+    Committed,
+    /// Cancelled by a condition or a conflict on the turn's own items.
+    Conflict,
+    /// Refused because of the bundled write (or possibly so): retry without it.
+    BundledRefused(String),
 }
 
 /// When a turn is written, and when its items expire.
@@ -241,7 +278,8 @@ impl DynamoConversations {
         expected: Option<u64>,
         turn: &ChatTurn,
         turn_id: &str,
-    ) -> Result<bool, ApiError> {
+        bundled: Option<&BundledWrite>,
+    ) -> Result<Attempt, ApiError> {
         let now = now_rfc3339();
         let expires_at = now_epoch() + self.retention_secs;
         let base = expected.unwrap_or(0);
@@ -300,7 +338,7 @@ impl DynamoConversations {
             expires_at,
             turn_id: turn_id.to_owned(),
         };
-        let items = vec![
+        let mut items = vec![
             self.message_put(
                 id,
                 owner,
@@ -325,20 +363,41 @@ impl DynamoConversations {
             )?,
             meta,
         ];
-        match self
+        let bundled_at = items.len();
+        items.extend(bundled.cloned().map(BundledWrite::into_item));
+        let result = self
             .client
             .transact_write_items()
             .set_transact_items(Some(items))
             // DynamoDB's own idempotency for the SDK's retries of this very attempt.
             .client_request_token(Uuid::new_v4().to_string())
             .send()
-            .await
-        {
-            Ok(_) => Ok(true),
-            Err(err) => match err.as_service_error() {
-                Some(e) if e.is_transaction_canceled_exception() => Ok(false),
-                _ => Err(unavailable(err)),
-            },
+            .await;
+        let Err(err) = result else {
+            return Ok(Attempt::Committed);
+        };
+        match (err.as_service_error(), bundled.is_some()) {
+            (Some(TransactWriteItemsError::TransactionCanceledException(cancelled)), true) => {
+                // Reasons come in item order. One that is missing counts as the bundled
+                // write's fault: keeping it could fail every retry of the turn.
+                let reason = cancelled
+                    .cancellation_reasons()
+                    .get(bundled_at)
+                    .and_then(|r| r.code())
+                    .unwrap_or("unknown");
+                Ok(if reason == "None" {
+                    Attempt::Conflict
+                } else {
+                    Attempt::BundledRefused(reason.to_owned())
+                })
+            }
+            (Some(e), false) if e.is_transaction_canceled_exception() => Ok(Attempt::Conflict),
+            // DynamoDB answered and refused the request (nothing was written): with a bundled
+            // item in it, that item may be the cause.
+            (Some(e), true) => Ok(Attempt::BundledRefused(
+                e.meta().code().unwrap_or("unknown").to_owned(),
+            )),
+            _ => Err(unavailable(err)),
         }
     }
 
@@ -511,17 +570,44 @@ impl ConversationStore for DynamoConversations {
         expected_count: Option<u64>,
         turn: &ChatTurn,
     ) -> Result<u64, ApiError> {
+        let (seq, _) = self
+            .append_turn_carrying(owner, id, expected_count, turn, None)
+            .await?;
+        Ok(seq)
+    }
+
+    async fn append_turn_carrying(
+        &self,
+        owner: &str,
+        id: Uuid,
+        expected_count: Option<u64>,
+        turn: &ChatTurn,
+        mut bundled: Option<BundledWrite>,
+    ) -> Result<(u64, bool), ApiError> {
         let mut expected = expected_count;
         let turn_id = Uuid::new_v4().to_string();
         for attempt in 0..MAX_APPEND_ATTEMPTS {
             let base = expected.unwrap_or(0);
-            if self.write_turn(owner, id, expected, turn, &turn_id).await? {
-                return Ok(base);
+            let mut outcome = self
+                .write_turn(owner, id, expected, turn, &turn_id, bundled.as_ref())
+                .await?;
+            if let Attempt::BundledRefused(reason) = &outcome {
+                tracing::warn!(
+                    reason = %reason,
+                    "the turn's transaction refused its bundled write; storing the turn without it"
+                );
+                bundled = None;
+                outcome = self
+                    .write_turn(owner, id, expected, turn, &turn_id, None)
+                    .await?;
+            }
+            if let Attempt::Committed = outcome {
+                return Ok((base, bundled.is_some()));
             }
             // The conflict may be with ourselves: an attempt that committed although its
             // answer was lost to a timeout, then retried by the SDK.
             if self.slot_holds_turn(id, base, &turn_id).await? {
-                return Ok(base);
+                return Ok((base, bundled.is_some()));
             }
             // Lost a race (or the id is taken): re-read the head and try the next free slots.
             match self.head(id).await? {

@@ -7,6 +7,7 @@ use aws_config::retry::RetryConfig;
 use aws_config::timeout::TimeoutConfig;
 use aws_sdk_dynamodb::Client;
 use aws_sdk_dynamodb::error::DisplayErrorContext;
+use aws_sdk_dynamodb::types::TransactWriteItem;
 
 use crate::error::ApiError;
 
@@ -41,6 +42,24 @@ pub fn unavailable(err: impl std::error::Error) -> ApiError {
     ApiError::Unavailable {
         dependency: "DynamoDB",
         detail: DisplayErrorContext(&err).to_string(),
+    }
+}
+
+/// A best-effort write that one store hands to another to carry in its own
+/// `TransactWriteItems`, saving the round trip of a separate call (the response cache's fill,
+/// carried by a chat turn's transaction). The carrier must never let it fail its own write: if
+/// the transaction cannot commit with it, the carrier drops it, commits without it, and reports
+/// that it did not carry it, so the owner can write it on its own.
+#[derive(Debug, Clone)]
+pub struct BundledWrite(TransactWriteItem);
+
+impl BundledWrite {
+    pub fn new(item: TransactWriteItem) -> Self {
+        Self(item)
+    }
+
+    pub fn into_item(self) -> TransactWriteItem {
+        self.0
     }
 }
 

@@ -368,7 +368,9 @@ impl RateLimiter {
 
     /// Counts `requests` requests (a batch counts every item) against the hourly quota and holds
     /// `token_estimate` tokens of this minute's budget, in one atomic update: either both fit,
-    /// or nothing is counted and the error says which limit was hit.
+    /// or nothing is counted and the error says which limit was hit. An estimate of 0 (an
+    /// answer from the cache, a local analysis) counts the requests only: it needs no room in
+    /// the token budget, even one that a settlement left overdrawn.
     pub async fn admit(
         &self,
         principal: &Principal,
@@ -380,18 +382,18 @@ impl RateLimiter {
         let key = CounterKey::hourly(&principal.user_id, now);
         let minute_start = now - now % MINUTE_SECS;
         let tokens = tokens_counter(minute_start);
-        let charges = [
-            Charge {
-                counter: REQUESTS.to_owned(),
-                amount: requests,
-                limit: quota.requests_per_hour,
-            },
-            Charge {
+        let mut charges = vec![Charge {
+            counter: REQUESTS.to_owned(),
+            amount: requests,
+            limit: quota.requests_per_hour,
+        }];
+        if token_estimate > 0 {
+            charges.push(Charge {
                 counter: tokens.clone(),
                 amount: token_estimate,
                 limit: quota.tokens_per_minute,
-            },
-        ];
+            });
+        }
         let reset_after_secs = key.resets_at.saturating_sub(now).max(1);
         match self.store.try_charge(&key, &charges).await? {
             Admission::Admitted { counts } => Ok(Admitted {

@@ -270,3 +270,160 @@ contract!(
     lists_own_conversations_newest_first_with_cursor,
     delete_removes_everything_then_404
 );
+
+/// A turn's transaction carrying a write of another table (the response cache's fill): committed
+/// together when DynamoDB accepts it, and never the reason a turn fails when it does not.
+mod carrying {
+    use std::time::Duration;
+
+    use aws_sdk_dynamodb::types::{AttributeValue, Put, TransactWriteItem};
+    use shared::cache::{CacheKey, DynamoCache, ResponseCache};
+    use shared::dynamo::BundledWrite;
+
+    use super::*;
+
+    async fn stores() -> (DynamoConversations, DynamoCache, String) {
+        let client = common::dynamo().await;
+        let cache_table = common::stack_var("CACHE_TABLE");
+        (
+            DynamoConversations::new(client.clone(), common::stack_var("CONVERSATIONS_TABLE"), 30),
+            DynamoCache::new(client, cache_table.clone()),
+            cache_table,
+        )
+    }
+
+    fn key() -> CacheKey {
+        CacheKey::for_request("test", &common::unique("carried"))
+    }
+
+    async fn stored_messages(store: &DynamoConversations, owner: &str, id: Uuid) -> u64 {
+        store
+            .recent(owner, id, 20)
+            .await
+            .unwrap()
+            .unwrap()
+            .message_count
+    }
+
+    /// A put of `pk` into `table` that fails its condition when the item exists.
+    fn put_if_absent(table: &str, pk: &str) -> BundledWrite {
+        let put = Put::builder()
+            .table_name(table)
+            .item("pk", AttributeValue::S(pk.to_owned()))
+            .item(
+                "payload",
+                AttributeValue::S("from the bundled write".to_owned()),
+            )
+            .item("expires_at", AttributeValue::N("9999999999".to_owned()))
+            .condition_expression("attribute_not_exists(pk)")
+            .build()
+            .unwrap();
+        BundledWrite::new(TransactWriteItem::builder().put(put).build())
+    }
+
+    #[tokio::test]
+    async fn the_cache_fill_commits_with_the_turn() {
+        let (store, cache, _) = stores().await;
+        let (owner, id, k) = (common::unique("carol"), Uuid::new_v4(), key());
+        let bundled = cache.bundled_put(&k, "cached answer".to_owned(), Duration::from_secs(60));
+        let (seq, carried) = store
+            .append_turn_carrying(&owner, id, None, &turn(0), bundled)
+            .await
+            .unwrap();
+        assert_eq!((seq, carried), (0, true));
+        assert_eq!(
+            cache.get(&k).await.unwrap().unwrap().payload,
+            "cached answer"
+        );
+        assert_eq!(stored_messages(&store, &owner, id).await, 2);
+    }
+
+    #[tokio::test]
+    async fn a_conflict_on_the_turn_still_carries_the_fill_on_the_retry() {
+        let (store, cache, _) = stores().await;
+        let (owner, id, k) = (common::unique("carol"), Uuid::new_v4(), key());
+        store.append_turn(&owner, id, None, &turn(0)).await.unwrap();
+        store
+            .append_turn(&owner, id, Some(2), &turn(1))
+            .await
+            .unwrap();
+        // Expected count 2 is stale (4 are stored): the first attempt fails on the turn's own
+        // items, which must not be taken for a refusal of the bundled write.
+        let bundled = cache.bundled_put(&k, "after a conflict".to_owned(), Duration::from_secs(60));
+        let (seq, carried) = store
+            .append_turn_carrying(&owner, id, Some(2), &turn(2), bundled)
+            .await
+            .unwrap();
+        assert_eq!((seq, carried), (4, true));
+        assert_eq!(
+            cache.get(&k).await.unwrap().unwrap().payload,
+            "after a conflict"
+        );
+        assert_eq!(stored_messages(&store, &owner, id).await, 6);
+    }
+
+    #[tokio::test]
+    async fn a_bundled_write_that_fails_its_condition_is_dropped_and_the_turn_stored() {
+        let (store, cache, table) = stores().await;
+        let (owner, id, k) = (common::unique("carol"), Uuid::new_v4(), key());
+        cache
+            .put(&k, "already there".to_owned(), Duration::from_secs(60))
+            .await
+            .unwrap();
+        let (seq, carried) = store
+            .append_turn_carrying(
+                &owner,
+                id,
+                None,
+                &turn(0),
+                Some(put_if_absent(&table, k.as_str())),
+            )
+            .await
+            .unwrap();
+        assert_eq!((seq, carried), (0, false));
+        assert_eq!(stored_messages(&store, &owner, id).await, 2);
+        assert_eq!(
+            cache.get(&k).await.unwrap().unwrap().payload,
+            "already there"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_bundled_write_to_a_missing_table_is_dropped_and_the_turn_stored() {
+        let (store, _, _) = stores().await;
+        let (owner, id) = (common::unique("carol"), Uuid::new_v4());
+        let missing = common::unique("no-such-table");
+        let (seq, carried) = store
+            .append_turn_carrying(
+                &owner,
+                id,
+                None,
+                &turn(0),
+                Some(put_if_absent(&missing, "x")),
+            )
+            .await
+            .unwrap();
+        assert_eq!((seq, carried), (0, false));
+        assert_eq!(stored_messages(&store, &owner, id).await, 2);
+    }
+
+    #[tokio::test]
+    async fn the_in_memory_store_carries_nothing_and_stores_the_turn() {
+        let store = InMemoryConversations::new();
+        let (owner, id) = (common::unique("carol"), Uuid::new_v4());
+        let (seq, carried) = store
+            .append_turn_carrying(&owner, id, None, &turn(0), Some(put_if_absent("t", "x")))
+            .await
+            .unwrap();
+        assert_eq!((seq, carried), (0, false));
+        assert_eq!(
+            store
+                .recent(&owner, id, 20)
+                .await
+                .unwrap()
+                .unwrap()
+                .message_count,
+            2
+        );
+    }
+}

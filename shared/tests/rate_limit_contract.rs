@@ -204,6 +204,29 @@ async fn request_quota_reports_remaining_then_429(store: Arc<dyn RateLimitStore>
     );
 }
 
+/// A request that spends no tokens (a cached answer) is counted, needs no room in the token
+/// budget, and still meets the request quota.
+async fn a_zero_token_admission_counts_the_request_only(store: Arc<dyn RateLimitStore>) {
+    let limiter = RateLimiter::new(store.clone(), quotas(2, 1_000));
+    let who = principal(&common::unique("zero"));
+    let k = key(&who.user_id);
+    let tokens = minute_counter();
+    // A settlement may leave the minute's budget overdrawn.
+    store.adjust(&k, &tokens, 1_500).await.unwrap();
+    assert!(
+        limiter.admit(&who, 1, 10).await.is_err(),
+        "no room for tokens"
+    );
+
+    let a = limiter.admit(&who, 1, 0).await.unwrap();
+    assert_eq!(a.status.remaining, 1);
+    assert_eq!(a.reservation.reserved(), 0);
+    assert_eq!(store.current(&k, &tokens).await.unwrap(), 1_500);
+    limiter.admit(&who, 1, 0).await.unwrap();
+    let err = limiter.admit(&who, 1, 0).await.unwrap_err();
+    assert!(err.to_string().contains("requests per hour"), "{err}");
+}
+
 macro_rules! contract {
     ($($name:ident),*) => {
         mod in_memory {
@@ -223,7 +246,8 @@ contract!(
     adjust_refunds_and_charges,
     concurrent_checks_admit_exactly_the_limit,
     token_reservations_settle_and_release,
-    request_quota_reports_remaining_then_429
+    request_quota_reports_remaining_then_429,
+    a_zero_token_admission_counts_the_request_only
 );
 
 const WORKER_KEY_VAR: &str = "RATE_LIMIT_WORKER_KEY";

@@ -232,6 +232,48 @@ async fn a_turn_is_stored_and_a_repeat_is_a_cache_hit_without_upstream_call() {
 }
 
 #[tokio::test]
+async fn a_cache_hit_is_served_when_the_token_budget_is_spent() {
+    use shared::ratelimit::{CounterKey, tokens_counter};
+    let h = harness().await;
+    h.llm.push(shared::llm::Scripted::Reply("an answer".into()));
+    let (status, headers, _) = h.post("/chat", ALICE, json!({"message": "budget"})).await;
+    assert_eq!(
+        (status, &headers["x-cache"]),
+        (200, &"MISS".parse().unwrap())
+    );
+
+    // Overdraw this minute's token budget (as a late settlement can).
+    let now = shared::dynamo::now_epoch();
+    h.services
+        .chat
+        .limiter
+        .store()
+        .adjust(
+            &CounterKey::hourly("alice", now),
+            &tokens_counter(now - now % 60),
+            10_000_000,
+        )
+        .await
+        .unwrap();
+
+    let (status, headers, body) = h.post("/chat", ALICE, json!({"message": "budget"})).await;
+    assert_eq!(
+        status, 200,
+        "a hit spends no tokens, so it needs none: {body}"
+    );
+    assert_eq!(headers["x-cache"], "HIT");
+    let (status, _, body) = h
+        .post("/chat", ALICE, json!({"message": "a new one"}))
+        .await;
+    if shared::dynamo::now_epoch() / 60 == now / 60 {
+        assert_eq!(
+            status, 429,
+            "a miss still needs room for its tokens: {body}"
+        );
+    }
+}
+
+#[tokio::test]
 async fn another_principal_gets_404_everywhere() {
     let h = harness().await;
     h.llm.push(shared::llm::Scripted::Reply("mine".into()));
