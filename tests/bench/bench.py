@@ -564,9 +564,8 @@ class Floor:
         self.dynamo, self.mock, self.tables, self.user = dynamo, mock, tables, user
         self.concurrent_tail = concurrent_tail
         if concurrent_tail:
-            # Their own connections (and call counters, added to the main one's below).
+            # Its own connection (and call counter, added to the main one's below).
             self.side = Floor(Dynamo(dynamo.endpoint), mock, tables, user)
-            self.side2 = Floor(Dynamo(dynamo.endpoint), mock, tables, user)
         self.conversation: str | None = None
         self.count = 0
         self.history: list[dict[str, str]] = []
@@ -583,8 +582,19 @@ class Floor:
             "ScanIndexForward": False, "Limit": 20})
 
     def admit(self, estimate: int) -> None:
+        """The admission update; estimate 0 (a cache hit) counts the request only, as ours does."""
         now = int(time.time())
         hour, minute = now - now % 3600, now - now % 60
+        if estimate == 0:
+            self.dynamo.call("UpdateItem", {
+                "TableName": self.tables["RATE_LIMITS_TABLE"], "Key": {"pk": {"S": f"rl#{self.user}#{hour}"}},
+                "UpdateExpression": "ADD #c0 :a0 SET #exp = if_not_exists(#exp, :exp)",
+                "ConditionExpression": "attribute_not_exists(#c0) OR #c0 <= :m0",
+                "ExpressionAttributeNames": {"#c0": "requests", "#exp": "expires_at"},
+                "ExpressionAttributeValues": {":a0": {"N": "1"}, ":m0": {"N": "99999999"},
+                                              ":exp": {"N": str(hour + 3900)}},
+                "ReturnValues": "UPDATED_NEW", "ReturnValuesOnConditionCheckFailure": "ALL_OLD"})
+            return
         self.dynamo.call("UpdateItem", {
             "TableName": self.tables["RATE_LIMITS_TABLE"], "Key": {"pk": {"S": f"rl#{self.user}#{hour}"}},
             "UpdateExpression": "ADD #c0 :a0, #c1 :a1 SET #exp = if_not_exists(#exp, :exp)",
@@ -608,13 +618,16 @@ class Floor:
         key = self.hit_key if hit else hashlib.sha256(os.urandom(16)).hexdigest()
         self.dynamo.call("GetItem", {"TableName": self.tables["CACHE_TABLE"], "Key": {"pk": {"S": key}}})
 
-    def cache_put(self, content: str) -> None:
-        self.dynamo.call("PutItem", {"TableName": self.tables["CACHE_TABLE"], "Item": {
+    def cache_item(self, content: str) -> dict[str, Any]:
+        return {"TableName": self.tables["CACHE_TABLE"], "Item": {
             "pk": {"S": hashlib.sha256(os.urandom(16)).hexdigest()},
             "payload": {"S": json.dumps({"content": content, "model": "gpt-4o-mini",
                                          "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
                                          "finish_reason": "stop"})},
-            "created_at": {"S": "2026-01-01T00:00:00.000Z"}, "expires_at": {"N": str(int(time.time()) + 3600)}}})
+            "created_at": {"S": "2026-01-01T00:00:00.000Z"}, "expires_at": {"N": str(int(time.time()) + 3600)}}}
+
+    def cache_put(self, content: str) -> None:
+        self.dynamo.call("PutItem", self.cache_item(content))
 
     def upstream(self, messages: list[dict[str, str]]) -> str:
         body = json.dumps({"model": "gpt-4o-mini", "messages": messages, "temperature": 0.7,
@@ -625,7 +638,8 @@ class Floor:
             raise BenchError(f"floor upstream: {status} {raw[:200]!r}")
         return json.loads(raw)["choices"][0]["message"]["content"]
 
-    def transact(self, user_message: str, answer: str) -> None:
+    def transact(self, user_message: str, answer: str, cache_fill: bool = False) -> None:
+        """The turn's transaction; with `cache_fill`, carrying the cache entry's Put as ours does."""
         table = self.tables["CONVERSATIONS_TABLE"]
         conversation = self.conversation or str(uuid.uuid4())
         pk = {"S": f"CONV#{conversation}"}
@@ -654,15 +668,21 @@ class Floor:
                 "pk": pk, "sk": {"S": f"MSG#{seq:010d}"}, "owner": {"S": self.user}, "role": {"S": role},
                 "content": {"S": content}, "tokens": {"N": "15"}, "created_at": {"S": now}, "expires_at": exp}}}
 
-        self.dynamo.call("TransactWriteItems", {"TransactItems": [
-            message(self.count, "user", user_message), message(self.count + 1, "assistant", answer), meta]})
+        items = [message(self.count, "user", user_message), message(self.count + 1, "assistant", answer), meta]
+        if cache_fill:
+            items.append({"Put": self.cache_item(answer)})
+        self.dynamo.call("TransactWriteItems", {"TransactItems": items})
         self.conversation = conversation
         self.count += 2
 
     def turn(self, message: str, *, history: bool, cache: str | None, settle: bool, new: bool) -> float:
         """One chat turn's calls in the order the implementation makes them; returns ms.
 
-        `cache`: None (no lookup), "miss" (lookup, then fill) or "hit" (lookup, no model call)."""
+        `cache`: None (no lookup), "miss" (lookup, then fill) or "hit" (lookup, no model call).
+        With `concurrent_tail` (ours): the cache is looked up before admission, a hit is admitted
+        for its request only and settles nothing, and after the model the transaction (carrying
+        the cache fill) and the settlement run at once. Without it (the reference): admission,
+        then the calls one after the other."""
         if new:
             self.conversation, self.count, self.history = None, 0, []
         started = time.perf_counter()
@@ -670,33 +690,33 @@ class Floor:
             self.query()
         messages = [*self.history, {"role": "user", "content": message}]
         estimate = sum(estimate_tokens(m["content"]) + 4 for m in messages) + 3 + 1000
-        self.admit(estimate)
-        if cache is not None:
-            self.cache_get(hit=cache == "hit")
-        if cache == "hit":
-            answer = "x" * 60
-            if settle:
-                self.settle(-estimate)
+        if not self.concurrent_tail:
+            self.admit(estimate)
+            if cache is not None:
+                self.cache_get(hit=cache == "hit")
+            answer = "x" * 60 if cache == "hit" else self.upstream(messages)
             self.transact(message, answer)
-        elif not self.concurrent_tail:
-            answer = self.upstream(messages)
-            self.transact(message, answer)
-            if settle:
+            if settle and cache != "hit":
                 self.settle(30 - estimate)
             if cache == "miss":
                 self.cache_put(answer)
         else:
-            # Like the Rust turn: the transaction, the settlement and the cache fill at once.
-            answer = self.upstream(messages)
-            tail = [threading.Thread(target=self.transact, args=(message, answer))]
-            if settle:
-                tail.append(threading.Thread(target=self.side.settle, args=(30 - estimate,)))
-            if cache == "miss":
-                tail.append(threading.Thread(target=self.side2.cache_put, args=(answer,)))
-            for thread in tail:
-                thread.start()
-            for thread in tail:
-                thread.join()
+            if cache is not None:
+                self.cache_get(hit=cache == "hit")
+            if cache == "hit":
+                self.admit(0)
+                answer = "x" * 60
+                self.transact(message, answer)
+            else:
+                self.admit(estimate)
+                answer = self.upstream(messages)
+                tail = [threading.Thread(target=self.transact, args=(message, answer, cache == "miss"))]
+                if settle:
+                    tail.append(threading.Thread(target=self.side.settle, args=(30 - estimate,)))
+                for thread in tail:
+                    thread.start()
+                for thread in tail:
+                    thread.join()
         elapsed = (time.perf_counter() - started) * 1000
         self.history = [*messages, {"role": "assistant", "content": answer}][-20:]
         return elapsed
@@ -946,8 +966,9 @@ class ChatDriver:
 
 SCENARIOS = {
     # name: (target, floor shape)
-    # The floor makes the calls the way the implementation does: ours runs the transaction, the
-    # settlement and the cache fill concurrently, the reference one call after the other.
+    # The floor makes the calls the way the implementation does: ours runs the transaction
+    # (carrying the cache fill) and the settlement concurrently, the reference one call after
+    # the other.
     "chat_miss": ("chat", {"history": True, "cache": "miss", "settle": True}),
     "chat_hit": ("chat", {"history": False, "cache": "hit", "settle": True}),
     "chat_nocache": ("chat", {"history": True, "cache": None, "settle": True}),
@@ -1216,11 +1237,11 @@ def streaming(ctx: Context, runs: int) -> dict[str, Any]:
             result = read_sse(base + "/chat/stream", {"message": message},
                               {"authorization": f"Bearer {token}"})
             deltas = [at for at, data in result["events"] if '"delta"' in data]
-            # Floor: what the function does before its first token (admission, cache lookup),
+            # Floor: what the function does before its first token (cache lookup, admission),
             # then the mock's own time to its first token for the same request.
             started = time.perf_counter()
-            floor.admit(1000)
             floor.cache_get(hit=False)
+            floor.admit(1000)
             pre = (time.perf_counter() - started) * 1000
             mock_first, mock_last = raw_stream_first_token(ctx.mock_url, message)
             if index < 3 or not deltas:
