@@ -385,6 +385,19 @@ where
         .is_some_and(|code| code == "ConditionalCheckFailedException")
 }
 
+/// The outcome of a conditional write: `true` when it was applied, `false` when its condition
+/// did not hold (someone else got there first), an error when DynamoDB could not be reached.
+fn applied<T, E>(result: Result<T, aws_sdk_dynamodb::error::SdkError<E>>) -> Result<bool, ApiError>
+where
+    E: aws_sdk_dynamodb::error::ProvideErrorMetadata + std::error::Error + 'static,
+{
+    match result {
+        Ok(_) => Ok(true),
+        Err(err) if condition_failed(&err) => Ok(false),
+        Err(err) => Err(unavailable(err)),
+    }
+}
+
 /// DynamoDB implementation.
 pub struct DynamoJobs {
     client: Client,
@@ -676,11 +689,7 @@ impl JobStore for DynamoJobs {
             .expression_attribute_values(":until", n(now_ms.saturating_add(lease_ms)))
             .send()
             .await;
-        match result {
-            Ok(_) => Ok(true),
-            Err(err) if condition_failed(&err) => Ok(false),
-            Err(err) => Err(unavailable(err)),
-        }
+        applied(result)
     }
 
     async fn release(&self, id: Uuid, worker: &str, retry_at_ms: u64) -> Result<bool, ApiError> {
@@ -700,11 +709,7 @@ impl JobStore for DynamoJobs {
             .expression_attribute_values(":at", n(retry_at_ms))
             .send()
             .await;
-        match result {
-            Ok(_) => Ok(true),
-            Err(err) if condition_failed(&err) => Ok(false),
-            Err(err) => Err(unavailable(err)),
-        }
+        applied(result)
     }
 
     async fn finish(&self, id: Uuid, worker: &str) -> Result<Option<JobStatus>, ApiError> {
@@ -808,11 +813,7 @@ impl JobStore for DynamoJobs {
             .expression_attribute_values(":now", n(now_ms))
             .send()
             .await;
-        match result {
-            Ok(_) => Ok(true),
-            Err(err) if condition_failed(&err) => Ok(false),
-            Err(err) => Err(unavailable(err)),
-        }
+        applied(result)
     }
 
     async fn release_item(&self, id: Uuid, index: u32, worker: &str) -> Result<bool, ApiError> {
@@ -832,11 +833,7 @@ impl JobStore for DynamoJobs {
             .expression_attribute_values(":worker", s(worker))
             .send()
             .await;
-        match result {
-            Ok(_) => Ok(true),
-            Err(err) if condition_failed(&err) => Ok(false),
-            Err(err) => Err(unavailable(err)),
-        }
+        applied(result)
     }
 
     async fn record(

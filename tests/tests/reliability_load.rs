@@ -29,7 +29,12 @@ use shared::auth::Tier;
 use shared::llm::{ChatMessage, CompletionRequest};
 
 const DEFAULT_WORKERS: usize = 4;
-const DEFAULT_CONCURRENCY: usize = 50;
+/// 4 x 24 = 96 requests in flight at most. Not more: `cargo lambda watch` (1.9) puts every
+/// invocation of every function through one scheduler channel of 100 entries, and with about 200
+/// in flight it wedged for good in every run here (no function invoked again, `/health`
+/// unanswered for minutes, all of watch's threads idle; RELIABILITY.md, known limits). That is the
+/// emulator's ceiling, not the gateway's: a function URL has no such queue.
+const DEFAULT_CONCURRENCY: usize = 24;
 const DEFAULT_SECONDS: u64 = 30;
 const DEFAULT_SEED: u64 = 20_261_127;
 const FREE_USERS: usize = 8;
