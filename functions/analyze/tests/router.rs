@@ -6,13 +6,11 @@ use std::sync::{Arc, LazyLock};
 
 use axum::body::Body;
 use axum::http::{HeaderMap, Request};
-use http_body_util::BodyExt;
 use serde_json::{Value, json};
 use shared::ApiError;
-use shared::auth::{ApiKeyRecord, ApiKeyStore, InMemoryApiKeys, Tier, hash_api_key};
-use shared::llm::{ModelRegistry, Scripted, ScriptedLlm};
+use shared::auth::Tier;
+use shared::llm::{Scripted, ScriptedLlm};
 use shared::services::Services;
-use tower::ServiceExt;
 
 use analyze::local::LocalAnalyzer;
 
@@ -37,29 +35,18 @@ struct Harness {
 }
 
 async fn harness_with(env: &[(&str, &str)]) -> Harness {
-    let env: Vec<(String, String)> = env
-        .iter()
-        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-        .collect();
-    let config = shared::Config::from_lookup(|name| {
-        env.iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.clone())
-            .or_else(|| name.ends_with("_TABLE").then(|| format!("t-{name}")))
-    })
-    .unwrap();
-    let keys = Arc::new(InMemoryApiKeys::new());
-    for (key, user, tier) in [
-        (PRO, "pro-user", Tier::Pro),
-        (FREE, "free-user", Tier::Free),
-    ] {
-        keys.put(&ApiKeyRecord::new(hash_api_key(key), user, tier))
-            .await
-            .unwrap();
+    let h = test_support::in_memory(
+        &[
+            (PRO, "pro-user", Tier::Pro),
+            (FREE, "free-user", Tier::Free),
+        ],
+        env,
+    )
+    .await;
+    Harness {
+        services: h.services,
+        llm: h.llm,
     }
-    let llm = Arc::new(ScriptedLlm::new(ModelRegistry::builtin().unwrap()));
-    let services = Services::in_memory(config, llm.clone(), keys).unwrap();
-    Harness { services, llm }
 }
 
 /// An LLM provider is configured (the scripted one answers).
@@ -69,18 +56,10 @@ async fn harness() -> Harness {
 
 impl Harness {
     async fn call(&self, request: Request<Body>) -> (u16, HeaderMap, Value) {
-        let response = analyze::app_with_local(self.services.clone(), LOCAL.clone())
-            .oneshot(request)
-            .await
-            .unwrap();
-        let status = response.status().as_u16();
-        let headers = response.headers().clone();
-        let bytes = response.into_body().collect().await.unwrap().to_bytes();
-        (
-            status,
-            headers,
-            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
-        )
+        let router = analyze::app_with_local(self.services.clone(), LOCAL.clone());
+        let reply = test_support::call(router, request).await;
+        let json = reply.json();
+        (reply.status, reply.headers, json)
     }
 
     async fn analyze_as(

@@ -5,12 +5,10 @@ use std::sync::Arc;
 
 use axum::body::Body;
 use axum::http::Request;
-use http_body_util::BodyExt;
 use serde_json::{Value, json};
-use shared::auth::{ApiKeyRecord, ApiKeyStore, InMemoryApiKeys, Tier, hash_api_key};
-use shared::llm::{ModelRegistry, ScriptedLlm};
+use shared::auth::Tier;
+use shared::llm::ScriptedLlm;
 use shared::services::Services;
-use tower::ServiceExt;
 
 const ALICE: &str = "gwk_test_alice";
 const BOB: &str = "gwk_test_bob";
@@ -21,33 +19,22 @@ struct Harness {
 }
 
 async fn harness() -> Harness {
-    let config = shared::Config::from_lookup(|name| match name {
-        "STREAM_FUNCTION_URL" => Some("https://stream.example/".to_owned()),
-        _ => name.ends_with("_TABLE").then(|| format!("t-{name}")),
-    })
-    .unwrap();
-    let keys = Arc::new(InMemoryApiKeys::new());
-    for (key, user) in [(ALICE, "alice"), (BOB, "bob")] {
-        keys.put(&ApiKeyRecord::new(hash_api_key(key), user, Tier::Pro))
-            .await
-            .unwrap();
+    let h = test_support::in_memory(
+        &[(ALICE, "alice", Tier::Pro), (BOB, "bob", Tier::Pro)],
+        &[("STREAM_FUNCTION_URL", "https://stream.example/")],
+    )
+    .await;
+    Harness {
+        services: h.services,
+        llm: h.llm,
     }
-    let llm = Arc::new(ScriptedLlm::new(ModelRegistry::builtin().unwrap()));
-    let services = Services::in_memory(config, llm.clone(), keys).unwrap();
-    Harness { services, llm }
 }
 
 impl Harness {
     async fn call(&self, request: Request<Body>) -> (u16, axum::http::HeaderMap, Value) {
-        let response = chat::app(self.services.clone())
-            .oneshot(request)
-            .await
-            .unwrap();
-        let status = response.status().as_u16();
-        let headers = response.headers().clone();
-        let bytes = response.into_body().collect().await.unwrap().to_bytes();
-        let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-        (status, headers, body)
+        let reply = test_support::call(chat::app(self.services.clone()), request).await;
+        let json = reply.json();
+        (reply.status, reply.headers, json)
     }
 
     async fn post(

@@ -7,9 +7,9 @@ use axum::body::Body;
 use axum::http::Request;
 use http_body_util::BodyExt;
 use serde_json::{Value, json};
-use shared::auth::{ApiKeyRecord, ApiKeyStore, InMemoryApiKeys, Tier, hash_api_key};
+use shared::auth::Tier;
 use shared::error::ApiError;
-use shared::llm::{ModelRegistry, Scripted, ScriptedLlm};
+use shared::llm::{Scripted, ScriptedLlm};
 use shared::ratelimit::{CounterKey, tokens_counter};
 use shared::services::Services;
 use tower::ServiceExt;
@@ -17,15 +17,8 @@ use tower::ServiceExt;
 const KEY: &str = "gwk_stream_test";
 
 async fn harness() -> (Services, Arc<ScriptedLlm>) {
-    let config =
-        shared::Config::from_lookup(|name| name.ends_with("_TABLE").then(|| format!("t-{name}")))
-            .unwrap();
-    let keys = Arc::new(InMemoryApiKeys::new());
-    keys.put(&ApiKeyRecord::new(hash_api_key(KEY), "streamer", Tier::Pro))
-        .await
-        .unwrap();
-    let llm = Arc::new(ScriptedLlm::new(ModelRegistry::builtin().unwrap()));
-    (Services::in_memory(config, llm.clone(), keys).unwrap(), llm)
+    let h = test_support::in_memory(&[(KEY, "streamer", Tier::Pro)], &[]).await;
+    (h.services, h.llm)
 }
 
 fn post(path: &str, body: Value) -> Request<Body> {
@@ -49,14 +42,9 @@ fn data_lines(body: &str) -> Vec<String> {
 }
 
 async fn call(services: &Services, request: Request<Body>) -> (u16, axum::http::HeaderMap, String) {
-    let response = stream::app(services.clone())
-        .oneshot(request)
-        .await
-        .unwrap();
-    let status = response.status().as_u16();
-    let headers = response.headers().clone();
-    let bytes = response.into_body().collect().await.unwrap().to_bytes();
-    (status, headers, String::from_utf8(bytes.to_vec()).unwrap())
+    let reply = test_support::call(stream::app(services.clone()), request).await;
+    let text = reply.text();
+    (reply.status, reply.headers, text)
 }
 
 #[tokio::test]
