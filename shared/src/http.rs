@@ -3,7 +3,7 @@
 //! 400/413/415/422 mapping, fallbacks, `GET /health` and `GET /openapi.json`.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
 use axum::body::Bytes;
@@ -19,6 +19,7 @@ use sha2::{Digest, Sha256};
 use utoipa::{OpenApi, ToSchema};
 
 use crate::error::{ApiError, ErrorEnvelope, FieldError};
+use crate::ratelimit::{LIMIT_HEADER, LimitStatus};
 use crate::telemetry::{MetricEvent, Unit};
 
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
@@ -44,6 +45,8 @@ pub struct FunctionInfo {
 struct RequestScope {
     id: String,
     principal: OnceLock<String>,
+    /// What the last admission of this request reported, for its `X-RateLimit-*` headers.
+    limit: Mutex<Option<LimitStatus>>,
 }
 
 tokio::task_local! {
@@ -61,6 +64,17 @@ pub fn record_principal(user_id: &str) {
     let digest = Sha256::digest(user_id.as_bytes());
     let short = hex::encode(&digest[..6]);
     let _ = SCOPE.try_with(|s| s.principal.set(short));
+}
+
+/// Records what an admission of the current request reported. Whatever the request's outcome
+/// afterwards (an answer, an upstream 502, a 504 after the model timed out), its response then
+/// carries the `X-RateLimit-*` headers, unless the handler set them itself.
+pub fn record_limit(status: LimitStatus) {
+    let _ = SCOPE.try_with(|s| {
+        if let Ok(mut limit) = s.limit.lock() {
+            *limit = Some(status);
+        }
+    });
 }
 
 /// A client-supplied id is kept when it is short and plain, so it can be correlated across
@@ -91,8 +105,14 @@ async fn request_context(
     let scope = Arc::new(RequestScope {
         id: id.clone(),
         principal: OnceLock::new(),
+        limit: Mutex::new(None),
     });
     let mut response = SCOPE.scope(scope.clone(), next.run(request)).await;
+    if !response.headers().contains_key(LIMIT_HEADER)
+        && let Some(limit) = scope.limit.lock().ok().and_then(|l| *l)
+    {
+        limit.apply(response.headers_mut());
+    }
 
     let elapsed = started.elapsed();
     let latency_ms = elapsed.as_secs_f64() * 1000.0;

@@ -396,20 +396,25 @@ impl RateLimiter {
         }
         let reset_after_secs = key.resets_at.saturating_sub(now).max(1);
         match self.store.try_charge(&key, &charges).await? {
-            Admission::Admitted { counts } => Ok(Admitted {
-                status: LimitStatus {
+            Admission::Admitted { counts } => {
+                let status = LimitStatus {
                     limit: quota.requests_per_hour,
                     remaining: quota
                         .requests_per_hour
                         .saturating_sub(counts.first().copied().unwrap_or(requests)),
                     reset_after_secs,
-                },
-                reservation: TokenReservation {
-                    key,
-                    counter: tokens,
-                    reserved: token_estimate,
-                },
-            }),
+                };
+                // Every later response of this request reports it, errors included.
+                crate::http::record_limit(status);
+                Ok(Admitted {
+                    status,
+                    reservation: TokenReservation {
+                        key,
+                        counter: tokens,
+                        reserved: token_estimate,
+                    },
+                })
+            }
             Admission::Rejected { counts } => {
                 let requests_used = counts.first().copied().flatten();
                 let requests_blocked =

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use axum::body::Body;
 use axum::http::Request;
 use serde_json::{Value, json};
+use shared::ApiError;
 use shared::auth::Tier;
 use shared::llm::ScriptedLlm;
 use shared::services::Services;
@@ -190,6 +191,22 @@ async fn unknown_field_is_400() {
         .await;
     assert_eq!(status, 400);
     assert_eq!(out["error"]["param"], "mesage");
+}
+
+#[tokio::test]
+async fn an_admitted_request_that_fails_upstream_still_reports_its_rate_limit() {
+    let h = harness().await;
+    h.llm.push(shared::llm::Scripted::Fail(ApiError::UpstreamTimeout));
+    let (status, headers, out) = h.post("/chat", ALICE, json!({"message": "hello"})).await;
+    assert_eq!(status, 504, "{out}");
+    assert_eq!(headers["x-ratelimit-limit"], "1000");
+    assert_eq!(headers["x-ratelimit-remaining"], "999");
+    assert!(headers.contains_key("x-ratelimit-reset"));
+
+    // Refused before admission: nothing was counted, so nothing is reported.
+    let (status, headers, _) = h.post("/chat", ALICE, json!({"message": ""})).await;
+    assert_eq!(status, 422);
+    assert!(!headers.contains_key("x-ratelimit-limit"));
 }
 
 #[tokio::test]
