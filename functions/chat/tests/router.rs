@@ -196,7 +196,8 @@ async fn unknown_field_is_400() {
 #[tokio::test]
 async fn an_admitted_request_that_fails_upstream_still_reports_its_rate_limit() {
     let h = harness().await;
-    h.llm.push(shared::llm::Scripted::Fail(ApiError::UpstreamTimeout));
+    h.llm
+        .push(shared::llm::Scripted::Fail(ApiError::UpstreamTimeout));
     let (status, headers, out) = h.post("/chat", ALICE, json!({"message": "hello"})).await;
     assert_eq!(status, 504, "{out}");
     assert_eq!(headers["x-ratelimit-limit"], "1000");
