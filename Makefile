@@ -19,7 +19,7 @@ help:
 	@echo "make sam-test   Docker engine + base image, sam build (x86_64), the SAM local tests"
 	@echo "make sam-up     start the Docker engine for sam local by hand (sam-down stops it)"
 	@echo "make lint       rustfmt, clippy, SAM template validation and lint"
-	@echo "make reliability  load with faults, DynamoDB outage, key timing, debug-log and RS256 audits"
+	@echo "make reliability  hostile input, schemathesis, load with faults, DynamoDB outage, key timing, log and RS256 audits"
 	@echo "make supply-chain cargo deny: licences, bans, sources (advisories when the database is reachable)"
 	@echo "make bootstrap  install the pinned tools into .venv"
 	@echo "make bench      Rust functions vs the FastAPI reference (release builds + zips + ~20 min of measurement); see BENCHMARKS.md"
@@ -59,8 +59,9 @@ test-main: bootstrap
 	$(PYTHON) infra/devstack.py run -- cargo nextest run --workspace --no-fail-fast -E 'not $(SAM_TESTS)'
 
 # Suites that disturb the stack they run against, each on a fresh stack of its own and never
-# beside the main run (RELIABILITY.md): load with faults, DynamoDB paused, key timing; then
-# debug logging with an RS256 configuration (.config/nextest.toml leaves both out of the main run).
+# beside the main run (RELIABILITY.md): hostile input, load with faults, DynamoDB paused, key
+# timing, schemathesis, one at a time; then debug logging with an RS256 configuration
+# (.config/nextest.toml leaves both out of the main run).
 AUDIT_JWT_KEY = $(shell awk '{printf "%s\\n", $$0}' shared/tests/fixtures/rs256_public.pem)
 reliability: bootstrap
 	GW_SUITE=reliability $(PYTHON) infra/devstack.py run --concurrency 8 -- \
