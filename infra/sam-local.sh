@@ -200,15 +200,16 @@ ensure_image() {
 
 sam_build() {
   [[ -x $VENV/bin/sam && -x $VENV/bin/cargo-lambda ]] || "$ROOT/infra/bootstrap.sh"
-  # A target dir of its own, for this command only: these are release builds for Lambda (zig,
-  # x86_64, LTO); sharing target/ would make every concurrent debug build wait for the
-  # build-directory lock, and the tests afterwards must use the normal one.
+  # A target dir of its own, for this command only: these are Lambda builds (zig, x86_64);
+  # sharing target/ would make every concurrent debug build wait for the build-directory lock,
+  # and the tests afterwards must use the normal one.
   #
-  # The profile: the local build only has to behave like the deployed one, not be as fast, so it
-  # trades optimisation for build time through cargo's profile variables (sam build cannot pass
-  # --profile to cargo lambda): no LTO, parallel codegen, no optimisation. On 2 cores that takes a cold
-  # build from ~26 min to a few minutes. `sam build` without this script (the deploy path) uses
-  # the release profile of Cargo.toml unchanged. GW_SAM_FULL_RELEASE=1 keeps it here too.
+  # The profile: the local build only has to behave like the deployed one, not run as fast, so
+  # it trades optimisation for build time through cargo's profile variables (sam build cannot
+  # pass --profile to cargo lambda): no LTO, parallel codegen, no optimisation. On 2 cores a cold
+  # build of the four functions then takes about 3-5 minutes instead of 26-36. `sam build`
+  # without this script (the deploy path) uses the release profile of Cargo.toml unchanged;
+  # GW_SAM_FULL_RELEASE=1 uses it here too.
   local -a profile=()
   if [[ -z ${GW_SAM_FULL_RELEASE:-} ]]; then
     profile=(CARGO_PROFILE_RELEASE_LTO=false CARGO_PROFILE_RELEASE_CODEGEN_UNITS=16
