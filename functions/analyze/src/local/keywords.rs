@@ -29,6 +29,20 @@ fn tie_key(weight: f64) -> i64 {
     (weight * 1e9).round() as i64
 }
 
+/// The `top_k` heaviest keywords, given each with the position of its first appearance: by
+/// weight, ties (to [`tie_key`]'s precision) going to the earlier word.
+fn top_ranked(
+    candidates: impl IntoIterator<Item = (usize, Keyword)>,
+    top_k: usize,
+) -> Vec<Keyword> {
+    let mut ranked: Vec<(i64, usize, Keyword)> = candidates
+        .into_iter()
+        .map(|(first, keyword)| (tie_key(keyword.weight), first, keyword))
+        .collect();
+    ranked.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+    ranked.into_iter().take(top_k).map(|(_, _, k)| k).collect()
+}
+
 /// TF-IDF keywords of Chinese `text`, with jieba part-of-speech tags.
 pub fn chinese_tfidf(jieba: &Jieba, tfidf: &TfIdf, text: &str, top_k: usize) -> Vec<Keyword> {
     // Every candidate, so ties at the cut can be ordered by first appearance as the reference
@@ -38,7 +52,7 @@ pub fn chinese_tfidf(jieba: &Jieba, tfidf: &TfIdf, text: &str, top_k: usize) -> 
     for (i, token) in jieba.cut(text, true).into_iter().enumerate() {
         first_seen.entry(token.word).or_insert(i);
     }
-    let mut ranked: Vec<(i64, usize, Keyword)> = candidates
+    let ranked = candidates
         .into_iter()
         // The reference ignores tokens shorter than two characters once trimmed; jieba-rs
         // counts untrimmed ones, so a "\r\n" could otherwise become a keyword.
@@ -53,11 +67,9 @@ pub fn chinese_tfidf(jieba: &Jieba, tfidf: &TfIdf, text: &str, top_k: usize) -> 
                 weight: k.weight,
                 pos: (!k.tag.is_empty()).then_some(k.tag),
             };
-            (tie_key(k.weight), first, keyword)
-        })
-        .collect();
-    ranked.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
-    ranked.into_iter().take(top_k).map(|(_, _, k)| k).collect()
+            (first, keyword)
+        });
+    top_ranked(ranked, top_k)
 }
 
 /// TextRank keywords of Chinese `text` (nouns, place names and verbs), weights scaled to a
@@ -200,29 +212,24 @@ pub fn english_tfidf(text: &str, top_k: usize) -> Vec<Keyword> {
     }
     let general: HashSet<&str> = EN_GENERAL_WORDS.iter().copied().collect();
     let (order, map) = stats(&terms);
-    let mut ranked: Vec<(i64, usize, Keyword)> = order
-        .iter()
-        .filter_map(|key| {
-            let s = map.get(key)?;
-            let idf = if general.contains(key.as_str()) {
-                0.5
-            } else {
-                1.0
-            };
-            let weight = s.count as f64 / total as f64 * idf;
-            Some((
-                tie_key(weight),
-                s.first,
-                Keyword {
-                    word: s.display(key),
-                    weight,
-                    pos: None,
-                },
-            ))
-        })
-        .collect();
-    ranked.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
-    ranked.into_iter().take(top_k).map(|(_, _, k)| k).collect()
+    let ranked = order.iter().filter_map(|key| {
+        let s = map.get(key)?;
+        let idf = if general.contains(key.as_str()) {
+            0.5
+        } else {
+            1.0
+        };
+        let weight = s.count as f64 / total as f64 * idf;
+        Some((
+            s.first,
+            Keyword {
+                word: s.display(key),
+                weight,
+                pos: None,
+            },
+        ))
+    });
+    top_ranked(ranked, top_k)
 }
 
 /// TextRank keywords of English `text`: PageRank over content words linked when they occur
@@ -257,25 +264,19 @@ pub fn english_textrank(text: &str, top_k: usize) -> Vec<Keyword> {
     }
     let scores = pagerank(&adjacency, 0.85, 50);
     let max = scores.iter().copied().fold(0.0, f64::max);
-    let mut ranked: Vec<(i64, usize, Keyword)> = order
-        .iter()
-        .zip(&scores)
-        .filter_map(|(key, score)| {
-            let s = map.get(key)?;
-            let weight = if max > 0.0 { score / max } else { 0.0 };
-            Some((
-                tie_key(weight),
-                s.first,
-                Keyword {
-                    word: s.display(key),
-                    weight,
-                    pos: None,
-                },
-            ))
-        })
-        .collect();
-    ranked.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
-    ranked.into_iter().take(top_k).map(|(_, _, k)| k).collect()
+    let ranked = order.iter().zip(&scores).filter_map(|(key, score)| {
+        let s = map.get(key)?;
+        let weight = if max > 0.0 { score / max } else { 0.0 };
+        Some((
+            s.first,
+            Keyword {
+                word: s.display(key),
+                weight,
+                pos: None,
+            },
+        ))
+    });
+    top_ranked(ranked, top_k)
 }
 
 #[cfg(test)]
