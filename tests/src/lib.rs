@@ -303,6 +303,15 @@ impl Stack {
             .await
     }
 
+    /// `function`'s OpenAPI document (`GET <function>/openapi.json`, which must answer 200).
+    pub async fn openapi(&self, function: &str) -> Result<Value> {
+        let doc = self
+            .get(function, "openapi.json", &Caller::anonymous())
+            .await?;
+        doc.assert_status(200);
+        Ok(doc.json)
+    }
+
     /// `POST <function>/<path>` with a JSON body as `caller`.
     pub async fn post_json(
         &self,

@@ -31,11 +31,8 @@ async fn secured_routes(stack: &Stack, marker: &str) -> Vec<Route> {
         Some(json!({"message": format!("let me in {marker}")})),
     )];
     for function in FUNCTIONS {
-        let doc = stack
-            .get(function, "openapi.json", &Caller::anonymous())
-            .await
-            .unwrap();
-        let first = doc.json["paths"].as_object().and_then(|paths| {
+        let doc = stack.openapi(function).await.unwrap();
+        let first = doc["paths"].as_object().and_then(|paths| {
             paths.iter().find_map(|(path, item)| {
                 let (method, op) = item
                     .as_object()?

@@ -82,12 +82,8 @@ impl Operation {
 async fn operations(stack: &Stack) -> Vec<Operation> {
     let mut found = Vec::new();
     for function in FUNCTIONS {
-        let doc = stack
-            .get(function, "openapi.json", &Caller::anonymous())
-            .await
-            .unwrap();
-        doc.assert_status(200);
-        for (path, item) in doc.json["paths"].as_object().unwrap() {
+        let doc = stack.openapi(function).await.unwrap();
+        for (path, item) in doc["paths"].as_object().unwrap() {
             for (method, op) in item.as_object().unwrap() {
                 let Ok(method) = method.to_uppercase().parse::<Method>() else {
                     continue;

@@ -5,7 +5,7 @@
 //! described as SSE events (a string `data` per event), not as the JSON inside them.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use integration_tests::{Caller, FUNCTIONS, Stack};
+use integration_tests::{FUNCTIONS, Stack};
 use serde_json::Value;
 
 #[tokio::test]
@@ -13,12 +13,8 @@ async fn every_operation_documents_where_its_parameters_are_and_what_the_shared_
     let stack = Stack::require();
     let mut wrong = Vec::new();
     for function in FUNCTIONS {
-        let doc = stack
-            .get(function, "openapi.json", &Caller::anonymous())
-            .await
-            .unwrap();
-        doc.assert_status(200);
-        for (path, item) in doc.json["paths"].as_object().unwrap() {
+        let doc = stack.openapi(function).await.unwrap();
+        for (path, item) in doc["paths"].as_object().unwrap() {
             for (method, op) in item.as_object().unwrap() {
                 let name = format!("{function} {method} {path}");
                 let parameters = op["parameters"].as_array().cloned().unwrap_or_default();
@@ -49,7 +45,7 @@ async fn every_operation_documents_where_its_parameters_are_and_what_the_shared_
                     }
                 }
                 if let Some(sse) = op["responses"]["200"]["content"].get("text/event-stream") {
-                    let schema = resolve(&doc.json, &sse["schema"]);
+                    let schema = resolve(&doc, &sse["schema"]);
                     if schema["properties"]["data"]["type"] != "string" {
                         wrong.push(format!(
                             "{name}: text/event-stream is not described as SSE events: {schema}"

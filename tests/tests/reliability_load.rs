@@ -53,11 +53,8 @@ fn env_number<T: std::str::FromStr>(name: &str, default: T) -> T {
 
 /// The documented statuses of `route` (POST) in `function`'s OpenAPI document.
 async fn documented_statuses(stack: &Stack, function: &str, route: &str) -> BTreeSet<u16> {
-    let doc = stack
-        .get(function, "openapi.json", &Caller::anonymous())
-        .await
-        .unwrap();
-    doc.json["paths"][route]["post"]["responses"]
+    let doc = stack.openapi(function).await.unwrap();
+    doc["paths"][route]["post"]["responses"]
         .as_object()
         .unwrap_or_else(|| panic!("{function} documents no POST {route}"))
         .keys()

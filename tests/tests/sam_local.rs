@@ -57,6 +57,19 @@ fn n(item: &std::collections::HashMap<String, AttributeValue>, name: &str) -> u6
 }
 
 #[track_caller]
+/// The batch items "one <marker>", "two <marker>", "three <marker>" were each answered by the
+/// mock for their own prompt, in order.
+fn assert_each_word_answered(results: &[Value], marker: &str) {
+    for (result, word) in results.iter().zip(["one", "two", "three"]) {
+        let output = result["output"].as_str().unwrap();
+        let prompt = format!("{word} {marker}");
+        assert!(
+            output.starts_with(&mock_reply_prefix(1, &prompt)),
+            "{output}"
+        );
+    }
+}
+
 fn assert_ok(reply: &HttpResponse, logs: &str) {
     assert_eq!(
         reply.status, 200,
@@ -309,14 +322,7 @@ async fn batch_under_sam_local_invoke_answers_every_item_in_order() {
     let results = reply.json["results"].as_array().unwrap();
     let ids: Vec<&str> = results.iter().map(|r| r["id"].as_str().unwrap()).collect();
     assert_eq!(ids, ["a", "b", "c"]);
-    for (result, word) in results.iter().zip(["one", "two", "three"]) {
-        let output = result["output"].as_str().unwrap();
-        let prompt = format!("{word} {marker}");
-        assert!(
-            output.starts_with(&mock_reply_prefix(1, &prompt)),
-            "{output}"
-        );
-    }
+    assert_each_word_answered(results, &marker);
 }
 
 // ------------------------------------------------------------------------------------------
@@ -389,15 +395,10 @@ async fn scheduled_event_under_sam_local_invoke_drains_a_queued_job() {
     // Every item's result was recorded by the drain, in input order.
     let results = after.json["results"].as_array().unwrap();
     assert_eq!(results.len(), 3, "{}", after.body);
-    for (result, word) in results.iter().zip(["one", "two", "three"]) {
-        let prompt = format!("{word} {marker}");
+    for result in results {
         assert_eq!(result["status"], "ok", "{result}");
-        let output = result["output"].as_str().unwrap();
-        assert!(
-            output.starts_with(&mock_reply_prefix(1, &prompt)),
-            "{output}"
-        );
     }
+    assert_each_word_answered(results, &marker);
 }
 
 // ------------------------------------------------------------------------------------------

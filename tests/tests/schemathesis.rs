@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
-use integration_tests::{Caller, Stack};
+use integration_tests::Stack;
 use shared::auth::Tier;
 
 const CHECKS: &str = "not_a_server_error,status_code_conformance,content_type_conformance,\
@@ -46,11 +46,8 @@ fn generated(output: &str) -> Option<u64> {
 async fn fuzz(function: &str) {
     let stack = Stack::require();
     let caller = stack.new_user(Tier::Enterprise).await.unwrap();
-    let doc = stack
-        .get(function, "openapi.json", &Caller::anonymous())
-        .await
-        .unwrap();
-    let body_operations = doc.json["paths"]
+    let doc = stack.openapi(function).await.unwrap();
+    let body_operations = doc["paths"]
         .as_object()
         .unwrap()
         .values()

@@ -126,12 +126,9 @@ async fn a_batch_job_is_readable_by_its_owner_only() {
     let stack = Stack::require();
     let owner = stack.new_user(Tier::Pro).await.unwrap();
     let stranger = stack.new_user(Tier::Pro).await.unwrap();
-    let doc = stack
-        .get("batch", "openapi.json", &Caller::anonymous())
-        .await
-        .unwrap();
-    let documented = doc.json["paths"]["/batch/jobs/{id}"]["get"].is_object()
-        && doc.json["paths"]["/batch/jobs"]["post"].is_object();
+    let doc = stack.openapi("batch").await.unwrap();
+    let documented = doc["paths"]["/batch/jobs/{id}"]["get"].is_object()
+        && doc["paths"]["/batch/jobs"]["post"].is_object();
     if !documented {
         let probe = uuid::Uuid::new_v4().to_string();
         for caller in [&owner, &stranger] {
