@@ -16,6 +16,8 @@ use axum::{Extension, Json, Router};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use sha2::{Digest, Sha256};
+use tower_http::compression::CompressionLayer;
+use tower_http::compression::predicate::{NotForContentType, Predicate, SizeAbove};
 use utoipa::{OpenApi, ToSchema};
 
 use crate::error::{ApiError, ErrorEnvelope, FieldError};
@@ -155,13 +157,29 @@ async fn method_not_allowed() -> ApiError {
     ApiError::MethodNotAllowed
 }
 
+/// Answers at least this large are gzip-compressed for a caller that accepts gzip.
+pub const COMPRESS_ABOVE_BYTES: u64 = 1024;
+
 /// Wraps a function's routes with everything the contract requires of every response.
+///
+/// Outermost, answers of [`COMPRESS_ABOVE_BYTES`] or more are gzip-compressed when the request
+/// accepts gzip: function URLs do not compress on their own, and the large answers (a batch's
+/// results, a conversation, the OpenAPI documents) are JSON that shrinks five- to tenfold, which
+/// also keeps a big batch well inside Lambda's 6 MB limit for a buffered answer. lambda_http
+/// sends a body with `Content-Encoding` base64-encoded, as Lambda requires for binary bodies.
+/// Server-sent events are never compressed: a compressor holds bytes back, and a stream must
+/// not wait.
 pub fn serve(routes: Router, info: FunctionInfo) -> Router {
+    let compress_when = SizeAbove::new(COMPRESS_ABOVE_BYTES)
+        .and(NotForContentType::SSE)
+        .and(NotForContentType::IMAGES)
+        .and(NotForContentType::GRPC);
     routes
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(info.max_body_bytes))
         .layer(middleware::from_fn_with_state(info, request_context))
+        .layer(CompressionLayer::new().compress_when(compress_when))
 }
 
 /// A JSON body, parsed with the contract's status mapping: wrong content type 415, too large
@@ -568,8 +586,77 @@ mod tests {
                 "/echo",
                 post(|ApiJson(p): ApiJson<Probe>| async move { p.message }),
             )
+            .route("/big", get(|| async { Json(big_document()) }))
+            .route(
+                "/events",
+                get(|| async {
+                    let events = "data: {\"delta\":\"token\"}\n\n".repeat(200);
+                    ([(header::CONTENT_TYPE, "text/event-stream")], events)
+                }),
+            )
             .merge(common_routes(utoipa::openapi::OpenApi::default()));
         serve(routes, info)
+    }
+
+    /// A JSON answer of about 6 KB, like a batch's results.
+    fn big_document() -> serde_json::Value {
+        let results: Vec<serde_json::Value> = (0..60)
+            .map(|i| serde_json::json!({"id": format!("item-{i}"), "status": "ok", "answer": "the same answer"}))
+            .collect();
+        serde_json::json!({ "results": results })
+    }
+
+    async fn get_raw(path: &str, accept_encoding: Option<&str>) -> (HeaderMap, Bytes) {
+        let mut request = axum::http::Request::get(path);
+        if let Some(accept) = accept_encoding {
+            request = request.header(header::ACCEPT_ENCODING, accept);
+        }
+        let response = app()
+            .oneshot(request.body(Body::empty()).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        let headers = response.headers().clone();
+        (
+            headers,
+            response.into_body().collect().await.unwrap().to_bytes(),
+        )
+    }
+
+    #[tokio::test]
+    async fn a_large_answer_is_gzipped_for_a_caller_that_accepts_gzip_and_plain_otherwise() {
+        let (headers, body) = get_raw("/big", Some("gzip, deflate, br")).await;
+        assert_eq!(headers[header::CONTENT_ENCODING], "gzip");
+        assert!(headers.contains_key(REQUEST_ID_HEADER));
+        let mut json = Vec::new();
+        std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&body[..]), &mut json)
+            .unwrap();
+        let plain = serde_json::to_vec(&big_document()).unwrap();
+        assert_eq!(json, plain);
+        assert!(
+            body.len() * 5 < plain.len(),
+            "{} bytes gzipped from {}",
+            body.len(),
+            plain.len()
+        );
+
+        let (headers, body) = get_raw("/big", None).await;
+        assert!(!headers.contains_key(header::CONTENT_ENCODING));
+        assert_eq!(body, plain);
+        let (headers, _) = get_raw("/big", Some("identity")).await;
+        assert!(!headers.contains_key(header::CONTENT_ENCODING));
+    }
+
+    #[tokio::test]
+    async fn small_answers_and_event_streams_are_never_compressed() {
+        let (headers, body) = get_raw("/health", Some("gzip")).await;
+        assert!(!headers.contains_key(header::CONTENT_ENCODING));
+        assert!((body.len() as u64) < COMPRESS_ABOVE_BYTES);
+
+        let (headers, body) = get_raw("/events", Some("gzip")).await;
+        assert!(!headers.contains_key(header::CONTENT_ENCODING));
+        assert!(body.len() as u64 > COMPRESS_ABOVE_BYTES);
+        assert!(body.starts_with(b"data: "));
     }
 
     async fn call(request: axum::http::Request<Body>) -> (u16, HeaderMap, serde_json::Value) {
