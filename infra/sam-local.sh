@@ -153,11 +153,15 @@ stop_engine() {
     fi
   fi
   # What a stopped engine can leave behind: mounts under its exec root (the network namespace
-  # at exec/netns/default), deepest first. (It runs without a bridge: no docker0 to delete.)
+  # at exec/netns/default) and the bind mount dockerd puts on its data root, which stays when
+  # dockerd dies during start-up (seen with a full disk); deepest first. (It runs without a
+  # bridge: no docker0 to delete.)
   local mnt
   while read -r mnt; do
     umount "$mnt" 2>/dev/null || umount -l "$mnt" 2>/dev/null || say "could not unmount $mnt"
-  done < <(awk -v root="$EXEC/" 'index($2, root) == 1 {print $2}' /proc/mounts | sort -r)
+  done < <(awk -v exec="$EXEC" -v data="$DATA" \
+    '$2 == exec || $2 == data || index($2, exec "/") == 1 || index($2, data "/") == 1 {print $2}' \
+    /proc/mounts | sort -r)
   rm -f "$SOCK" "$PIDFILE"
 }
 
