@@ -43,6 +43,8 @@ pub trait Finish: Send + 'static {
     ) -> BoxFuture<'static, Result<(), ApiError>>;
     /// The stream ended without an answer: settle with `used` tokens (an estimate).
     fn abort(self: Box<Self>, used: u64) -> BoxFuture<'static, ()>;
+    /// The upstream failed before the answer started: release the admission, nothing was used.
+    fn abandon(self: Box<Self>) -> BoxFuture<'static, ()>;
 }
 
 /// The upstream call: already answered, or still waiting for its first token.
@@ -198,6 +200,9 @@ mod tests {
             Box::pin(async { Ok(()) })
         }
         fn abort(self: Box<Self>, _: u64) -> BoxFuture<'static, ()> {
+            Box::pin(async {})
+        }
+        fn abandon(self: Box<Self>) -> BoxFuture<'static, ()> {
             Box::pin(async {})
         }
     }

@@ -64,25 +64,44 @@ fn channel_stream(
     futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
 }
 
-/// Runs the pump in its own task and answers with its events.
-fn spawn_pump(
-    upstream: Upstream,
+/// Starts the upstream call for an admitted request and answers with the events of a pump
+/// running in its own task. If the upstream fails before the answer has started, the admission
+/// is released ([`Finish::abandon`]) and the failure is the answer.
+async fn stream_admitted(
+    services: &Services,
+    request: CompletionRequest,
+    deadline: Option<Instant>,
+    limit: LimitStatus,
     format: impl Format,
     finish: Box<dyn Finish>,
-    prompt_estimate: u64,
-    heartbeat: Duration,
-    limit: LimitStatus,
-) -> Response {
-    let (tx, rx) = mpsc::channel(CHANNEL_EVENTS);
-    tokio::spawn(pump::run(
-        upstream,
-        format,
-        finish,
-        prompt_estimate,
-        heartbeat,
-        tx,
-    ));
-    sse_response(channel_stream(rx), limit, false)
+) -> Result<Response, ApiError> {
+    let estimate = request.estimated_prompt_tokens();
+    let heartbeat = services.config.stream_heartbeat;
+    match start_upstream(services.chat.llm.clone(), request, deadline, heartbeat).await {
+        Ok(upstream) => {
+            let (tx, rx) = mpsc::channel(CHANNEL_EVENTS);
+            tokio::spawn(pump::run(upstream, format, finish, estimate, heartbeat, tx));
+            Ok(sse_response(channel_stream(rx), limit, false))
+        }
+        Err(err) => {
+            finish.abandon().await;
+            Err(err)
+        }
+    }
+}
+
+/// A cached answer replayed in `format`: the start events, the answer in pieces, `closing`,
+/// then `[DONE]`.
+fn replay(format: &impl Format, answer: &str, closing: Vec<Event>, limit: LimitStatus) -> Response {
+    let mut events = format.start();
+    events.extend(replay_pieces(answer).iter().map(|p| format.delta(p)));
+    events.extend(closing);
+    events.push(done_event());
+    sse_response(
+        futures::stream::iter(events.into_iter().map(Ok)),
+        limit,
+        true,
+    )
 }
 
 struct TurnFinish {
@@ -107,6 +126,10 @@ impl Finish for TurnFinish {
     fn abort(self: Box<Self>, used: u64) -> BoxFuture<'static, ()> {
         Box::pin(async move { self.chat.settle_partial(self.pending.admission, used).await })
     }
+
+    fn abandon(self: Box<Self>) -> BoxFuture<'static, ()> {
+        Box::pin(async move { self.chat.abandon(self.pending.admission).await })
+    }
 }
 
 struct CompletionFinish {
@@ -124,6 +147,10 @@ impl Finish for CompletionFinish {
 
     fn abort(self: Box<Self>, used: u64) -> BoxFuture<'static, ()> {
         Box::pin(async move { self.chat.settle_partial(self.admission, used).await })
+    }
+
+    fn abandon(self: Box<Self>) -> BoxFuture<'static, ()> {
+        Box::pin(async move { self.chat.abandon(self.admission).await })
     }
 }
 
@@ -173,51 +200,22 @@ pub async fn chat_stream(
                 model: answer.model.clone(),
                 request_id,
             };
-            let mut events = format.start();
-            events.extend(
-                replay_pieces(&answer.message)
-                    .iter()
-                    .map(|p| format.delta(p)),
+            let done = Event::default().data(
+                serde_json::to_string(&ChatStreamEvent::Done {
+                    conversation_id: answer.conversation_id,
+                    model: answer.model,
+                    usage: answer.usage,
+                    cost_estimate: 0.0,
+                    finish_reason: "stop".to_owned(),
+                    cached: true,
+                })
+                .unwrap_or_default(),
             );
-            events.push(
-                Event::default().data(
-                    serde_json::to_string(&ChatStreamEvent::Done {
-                        conversation_id: answer.conversation_id,
-                        model: answer.model,
-                        usage: answer.usage,
-                        cost_estimate: 0.0,
-                        finish_reason: "stop".to_owned(),
-                        cached: true,
-                    })
-                    .unwrap_or_default(),
-                ),
-            );
-            events.push(done_event());
-            Ok(sse_response(
-                futures::stream::iter(events.into_iter().map(Ok)),
-                limit,
-                true,
-            ))
+            Ok(replay(&format, &answer.message, vec![done], limit))
         }
         TurnStart::Fresh(pending) => {
             let request = pending.request.clone();
-            let estimate = request.estimated_prompt_tokens();
             let limit = pending.admission.limit;
-            let heartbeat = services.config.stream_heartbeat;
-            let upstream = match start_upstream(
-                services.chat.llm.clone(),
-                request,
-                deadline(&extensions),
-                heartbeat,
-            )
-            .await
-            {
-                Ok(upstream) => upstream,
-                Err(err) => {
-                    services.chat.abandon(pending.admission).await;
-                    return Err(err);
-                }
-            };
             let format = ChatFormat {
                 conversation_id: pending.conversation_id,
                 model: pending.request.model.clone(),
@@ -228,9 +226,8 @@ pub async fn chat_stream(
                 principal,
                 pending,
             });
-            Ok(spawn_pump(
-                upstream, format, finish, estimate, heartbeat, limit,
-            ))
+            let deadline = deadline(&extensions);
+            stream_admitted(&services, request, deadline, limit, format, finish).await
         }
     }
 }
@@ -286,45 +283,17 @@ pub async fn completions(
     };
     match services.chat.gate(&principal, &request, use_cache).await? {
         Gate::Hit { cached, limit } => {
-            let mut events = format.start();
-            events.extend(
-                replay_pieces(&cached.content)
-                    .iter()
-                    .map(|p| format.delta(p)),
-            );
-            events.extend(format.closing(&cached.finish_reason, cached.usage));
-            events.push(done_event());
-            Ok(sse_response(
-                futures::stream::iter(events.into_iter().map(Ok)),
-                limit,
-                true,
-            ))
+            let closing = format.closing(&cached.finish_reason, cached.usage);
+            Ok(replay(&format, &cached.content, closing, limit))
         }
         Gate::Miss(admission) => {
-            let estimate = request.estimated_prompt_tokens();
             let limit = admission.limit;
-            let heartbeat = services.config.stream_heartbeat;
-            let upstream = match start_upstream(
-                services.chat.llm.clone(),
-                request,
-                deadline(&extensions),
-                heartbeat,
-            )
-            .await
-            {
-                Ok(upstream) => upstream,
-                Err(err) => {
-                    services.chat.abandon(admission).await;
-                    return Err(err);
-                }
-            };
             let finish = Box::new(CompletionFinish {
                 chat: services.chat.clone(),
                 admission,
             });
-            Ok(spawn_pump(
-                upstream, format, finish, estimate, heartbeat, limit,
-            ))
+            let deadline = deadline(&extensions);
+            stream_admitted(&services, request, deadline, limit, format, finish).await
         }
     }
 }

@@ -127,16 +127,42 @@ async fn failure_after_the_first_byte_is_an_error_event_and_nothing_is_stored() 
     );
 }
 
+/// The caller's per-minute token counter as it stands now.
+async fn tokens_used(services: &Services) -> u64 {
+    let now = shared::dynamo::now_epoch();
+    services
+        .chat
+        .limiter
+        .store()
+        .current(
+            &CounterKey::hourly("streamer", now),
+            &tokens_counter(now - now % 60),
+        )
+        .await
+        .unwrap()
+}
+
 #[tokio::test]
-async fn failure_before_the_first_byte_is_a_plain_http_error() {
+async fn failure_before_the_first_byte_is_a_plain_http_error_and_returns_the_reservation() {
     let (services, llm) = harness().await;
-    llm.push(Scripted::Fail(ApiError::UpstreamTimeout));
-    let (status, headers, body) =
-        call(&services, post("/chat/stream", json!({"message": "hi"}))).await;
-    assert_eq!(status, 504);
-    assert_eq!(headers["content-type"], "application/json");
-    let body: Value = serde_json::from_str(&body).unwrap();
-    assert_eq!(body["error"]["code"], "upstream_timeout");
+    let routes = [
+        ("/chat/stream", json!({"message": "hi", "max_tokens": 4000})),
+        (
+            "/v1/chat/completions",
+            json!({"model": "gpt-4o-mini", "stream": true, "max_tokens": 4000,
+                   "messages": [{"role": "user", "content": "hi"}]}),
+        ),
+    ];
+    for (path, body) in routes {
+        llm.push(Scripted::Fail(ApiError::UpstreamTimeout));
+        let (status, headers, body) = call(&services, post(path, body)).await;
+        assert_eq!(status, 504, "{path}: {body}");
+        assert_eq!(headers["content-type"], "application/json");
+        let body: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(body["error"]["code"], "upstream_timeout");
+        // Admission reserved 4000+ tokens; nothing reached the model, so all of it is back.
+        assert_eq!(tokens_used(&services).await, 0, "{path}");
+    }
 }
 
 #[tokio::test]
@@ -255,14 +281,10 @@ async fn a_client_that_goes_away_stops_the_stream_and_settles_the_reservation() 
     // Read one frame, then hang up.
     let _ = body.frame().await;
     drop(body);
-    let store = services.chat.limiter.store().clone();
-    let now = shared::dynamo::now_epoch();
-    let key = CounterKey::hourly("streamer", now);
-    let counter = tokens_counter(now - now % 60);
     let mut settled = u64::MAX;
     for _ in 0..100 {
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-        settled = store.current(&key, &counter).await.unwrap();
+        settled = tokens_used(&services).await;
         if settled < 4000 {
             break;
         }
