@@ -497,6 +497,8 @@ pub fn common_routes(mut doc: utoipa::openapi::OpenApi) -> Router {
 /// documents: [`ApiJson`] answers 400, 413, 415 and 422 on every operation with a body, and the
 /// [`crate::auth::Principal`] extractor 401 on every secured one. Clients and contract testers
 /// (schemathesis, in the reliability suite) then find every status they can get documented.
+/// A route annotates one of these statuses itself only to say something more specific (the
+/// OpenAI route's 400 also covers `stream: true`); its description is then kept.
 fn document_shared_responses(doc: &mut utoipa::openapi::OpenApi) {
     const BODY: [(&str, &str); 4] = [
         ("400", "Malformed JSON or unknown field"),

@@ -169,10 +169,7 @@ impl Finish for CompletionFinish {
     responses(
         (status = 200, description = "`text/event-stream`: each event's `data` is a ChatStreamEvent as JSON, the last one `[DONE]`",
          content_type = "text/event-stream", body = SseEvent),
-        (status = 400, description = "Malformed JSON or unknown field", body = ErrorEnvelope),
-        (status = 401, description = "Missing or invalid credentials", body = ErrorEnvelope),
         (status = 404, description = "Unknown conversation (or not yours)", body = ErrorEnvelope),
-        (status = 413, description = "Body too large", body = ErrorEnvelope),
         (status = 422, description = "Validation failed", body = ErrorEnvelope),
         (status = 429, description = "Rate limited (ours or upstream)", body = ErrorEnvelope),
         (status = 502, description = "Upstream failed before the first token", body = ErrorEnvelope),
@@ -248,7 +245,6 @@ pub async fn chat_stream(
              (SseEvent = "text/event-stream")
          )),
         (status = 400, description = "Malformed JSON", body = ErrorEnvelope),
-        (status = 401, description = "Missing or invalid credentials", body = ErrorEnvelope),
         (status = 422, description = "Validation failed", body = ErrorEnvelope),
         (status = 429, description = "Rate limited (ours or upstream)", body = ErrorEnvelope),
         (status = 502, description = "Upstream failed before the first token", body = ErrorEnvelope),

@@ -27,9 +27,6 @@ use crate::fanout::{
     responses(
         (status = 200, description = "Every item's result, in input order", body = BatchResponse,
          headers(("x-ratelimit-limit" = u64), ("x-ratelimit-remaining" = u64), ("x-ratelimit-reset" = u64))),
-        (status = 400, description = "Malformed JSON or unknown field", body = ErrorEnvelope),
-        (status = 401, description = "Missing or invalid credentials", body = ErrorEnvelope),
-        (status = 413, description = "Body too large", body = ErrorEnvelope),
         (status = 422, description = "Validation failed (0 or more than 100 items, bad options, unknown model)", body = ErrorEnvelope),
         (status = 429, description = "The batch does not fit the rate limits", body = ErrorEnvelope),
         (status = 503, description = "A dependency is unavailable", body = ErrorEnvelope)

@@ -42,9 +42,6 @@ pub struct JobAccepted {
     responses(
         (status = 202, description = "Stored and queued", body = JobAccepted,
          headers(("location" = String, description = "Where to read the job"))),
-        (status = 400, description = "Malformed JSON or unknown field", body = ErrorEnvelope),
-        (status = 401, description = "Missing or invalid credentials", body = ErrorEnvelope),
-        (status = 413, description = "Body too large", body = ErrorEnvelope),
         (status = 422, description = "Validation failed", body = ErrorEnvelope),
         (status = 503, description = "DynamoDB is unavailable", body = ErrorEnvelope)
     )
@@ -182,7 +179,6 @@ fn view(item: JobItem) -> ItemResult {
     responses(
         (status = 200, description = "The job", body = JobView),
         (status = 400, description = "Invalid cursor", body = ErrorEnvelope),
-        (status = 401, description = "Missing or invalid credentials", body = ErrorEnvelope),
         (status = 404, description = "Unknown, expired, or not yours", body = ErrorEnvelope),
         (status = 422, description = "Not a UUID, or a bad limit", body = ErrorEnvelope)
     )

@@ -25,9 +25,6 @@ use crate::long_text::{LongTextRequest, LongTextResponse, process};
     responses(
         (status = 200, description = "Per-chunk results and the combined output", body = LongTextResponse,
          headers(("x-ratelimit-limit" = u64), ("x-ratelimit-remaining" = u64), ("x-ratelimit-reset" = u64))),
-        (status = 400, description = "Malformed JSON or unknown field", body = ErrorEnvelope),
-        (status = 401, description = "Missing or invalid credentials", body = ErrorEnvelope),
-        (status = 413, description = "Body too large", body = ErrorEnvelope),
         (status = 422, description = "Validation failed (empty or oversize text, bad options)", body = ErrorEnvelope),
         (status = 429, description = "The calls do not fit the rate limits", body = ErrorEnvelope),
         (status = 503, description = "A dependency is unavailable", body = ErrorEnvelope)

@@ -21,7 +21,6 @@ use shared::services::Services;
     responses(
         (status = 200, description = "A `chat.completion` object", body = OpenAiChatResponse),
         (status = 400, description = "Malformed JSON, or `stream: true`", body = ErrorEnvelope),
-        (status = 401, description = "Missing or invalid credentials", body = ErrorEnvelope),
         (status = 422, description = "Validation failed", body = ErrorEnvelope),
         (status = 429, description = "Rate limited (ours or upstream)", body = ErrorEnvelope),
         (status = 502, description = "Upstream failed", body = ErrorEnvelope),

@@ -54,7 +54,6 @@ fn conversation_id(raw: &str) -> Result<Uuid, ApiError> {
     responses(
         (status = 200, description = "A page of conversations", body = ConversationList),
         (status = 400, description = "Invalid cursor", body = ErrorEnvelope),
-        (status = 401, description = "Missing or invalid credentials", body = ErrorEnvelope),
         (status = 422, description = "Invalid parameters", body = ErrorEnvelope)
     ))]
 pub async fn list(
@@ -88,7 +87,6 @@ pub async fn list(
     security(("api_key" = []), ("bearer" = [])),
     responses(
         (status = 200, description = "The conversation", body = ConversationDetail),
-        (status = 401, description = "Missing or invalid credentials", body = ErrorEnvelope),
         (status = 404, description = "Unknown, or not yours", body = ErrorEnvelope),
         (status = 422, description = "Not a UUID", body = ErrorEnvelope)
     ))]
@@ -113,7 +111,6 @@ pub async fn get_one(
     security(("api_key" = []), ("bearer" = [])),
     responses(
         (status = 204, description = "Deleted"),
-        (status = 401, description = "Missing or invalid credentials", body = ErrorEnvelope),
         (status = 404, description = "Unknown, or not yours", body = ErrorEnvelope),
         (status = 422, description = "Not a UUID", body = ErrorEnvelope)
     ))]

@@ -2,7 +2,6 @@ use axum::Json;
 use axum::extract::State;
 use serde::Serialize;
 use shared::auth::Principal;
-use shared::error::ErrorEnvelope;
 use shared::openai_compat::OpenAiModelList;
 use shared::services::Services;
 use utoipa::ToSchema;
@@ -32,8 +31,7 @@ pub struct ModelCatalog {
 /// The model registry: ids, aliases, limits, prices and fallbacks.
 #[utoipa::path(get, path = "/models", tag = "models",
     security(("api_key" = []), ("bearer" = [])),
-    responses((status = 200, description = "The registry", body = ModelCatalog),
-        (status = 401, description = "Missing or invalid credentials", body = ErrorEnvelope)))]
+    responses((status = 200, description = "The registry", body = ModelCatalog)))]
 pub async fn models(State(services): State<Services>, _caller: Principal) -> Json<ModelCatalog> {
     let registry = services.chat.llm.registry();
     Json(ModelCatalog {
@@ -58,8 +56,7 @@ pub async fn models(State(services): State<Services>, _caller: Principal) -> Jso
 /// OpenAI-compatible model list.
 #[utoipa::path(get, path = "/v1/models", tag = "openai",
     security(("api_key" = []), ("bearer" = [])),
-    responses((status = 200, description = "`list` of `model` objects", body = OpenAiModelList),
-        (status = 401, description = "Missing or invalid credentials", body = ErrorEnvelope)))]
+    responses((status = 200, description = "`list` of `model` objects", body = OpenAiModelList)))]
 pub async fn openai_models(
     State(services): State<Services>,
     _caller: Principal,
