@@ -161,6 +161,17 @@ struct TermStats {
 }
 
 impl TermStats {
+    /// This term as a ranking candidate for [`top_ranked`]: an English keyword (no tag) of
+    /// `weight`, with its first position.
+    fn candidate(&self, key: &str, weight: f64) -> (usize, Keyword) {
+        let keyword = Keyword {
+            word: self.display(key),
+            weight,
+            pos: None,
+        };
+        (self.first, keyword)
+    }
+
     /// The most frequent spelling; on a tie a lowercase one (a capital at the start of a
     /// sentence means nothing), then the normalised form itself (the singular), then the first.
     fn display(&self, key: &str) -> String {
@@ -220,14 +231,7 @@ pub fn english_tfidf(text: &str, top_k: usize) -> Vec<Keyword> {
             1.0
         };
         let weight = s.count as f64 / total as f64 * idf;
-        Some((
-            s.first,
-            Keyword {
-                word: s.display(key),
-                weight,
-                pos: None,
-            },
-        ))
+        Some(s.candidate(key, weight))
     });
     top_ranked(ranked, top_k)
 }
@@ -267,14 +271,7 @@ pub fn english_textrank(text: &str, top_k: usize) -> Vec<Keyword> {
     let ranked = order.iter().zip(&scores).filter_map(|(key, score)| {
         let s = map.get(key)?;
         let weight = if max > 0.0 { score / max } else { 0.0 };
-        Some((
-            s.first,
-            Keyword {
-                word: s.display(key),
-                weight,
-                pos: None,
-            },
-        ))
+        Some(s.candidate(key, weight))
     });
     top_ranked(ranked, top_k)
 }
