@@ -56,9 +56,9 @@ fn n(item: &std::collections::HashMap<String, AttributeValue>, name: &str) -> u6
         .unwrap_or(u64::MAX)
 }
 
-#[track_caller]
 /// The batch items "one <marker>", "two <marker>", "three <marker>" were each answered by the
 /// mock for their own prompt, in order.
+#[track_caller]
 fn assert_each_word_answered(results: &[Value], marker: &str) {
     for (result, word) in results.iter().zip(["one", "two", "three"]) {
         let output = result["output"].as_str().unwrap();
@@ -70,6 +70,7 @@ fn assert_each_word_answered(results: &[Value], marker: &str) {
     }
 }
 
+#[track_caller]
 fn assert_ok(reply: &HttpResponse, logs: &str) {
     assert_eq!(
         reply.status, 200,
